@@ -1,0 +1,16 @@
+"""The one exception type deploykit raises for problems a user can fix.
+
+Anything a user can cause (a bad path, a wrong shape, a checkpoint that does not fit the architecture) becomes a
+`DeployError` whose message is one complete sentence saying what is wrong and what to do. The CLI prints it on
+stderr and exits with status 2; any other exception is a bug in deploykit and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DeployError(Exception):
+    """A problem with the user's input or environment, explained in one sentence."""
+
+
+class VerificationFailed(DeployError):
+    """The deployed model ran but does not match PyTorch within tolerance (CLI exit status 1)."""

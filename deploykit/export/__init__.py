@@ -1,0 +1,1 @@
+"""Export: PyTorch module -> ONNX (with deploykit's custom ops) -> graph passes."""

@@ -1,0 +1,98 @@
+"""PyTorch module -> ONNX ModelProto with torch.onnx's dynamo exporter.
+
+Opset 20 by default: ``DeformConv`` needs >= 19, and 20 is the opset torch 2.13's exporter emits natively, so no
+version-conversion pass (a known source of export failures) runs; TensorRT 10's parser and onnxruntime >= 1.25
+both accept it. Other opsets (19-23) can be requested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from deploykit.errors import DeployError
+from deploykit.export.custom_op import CustomOp, attach_functions, registered_schemas
+
+DEFAULT_OPSET = 20
+SUPPORTED_OPSETS = range(19, 24)
+BATCH_DIM_NAME = "batch"
+# torch.export specialises a dynamic dimension whose example size is 0 or 1, so a dynamic batch is traced at 2.
+_TRACE_BATCH = 2
+
+
+def onnx_from_model(model: nn.Module, example: torch.Tensor, *, opset: int | None = None,
+                    dynamic_batch: bool | None = None, input_names: Sequence[str] = ("input",),
+                    output_names: Sequence[str] = ("output",), custom_ops: Sequence[CustomOp] | None = None,
+                    verbose: bool = False) -> onnx.ModelProto:
+    """Export `model` (called on one tensor) to ONNX.
+
+    Args:
+        model: the module, in eval mode.
+        example: an input of the shape to export; with a dynamic batch only its other dimensions are fixed.
+        opset: default-domain opset, 19-23. Defaults to 20.
+        dynamic_batch: leave dimension 0 symbolic (named "batch"). Defaults to True.
+        input_names, output_names: ONNX graph input/output names. Default to ("input",) and ("output",).
+        custom_ops: the ``deploykit::`` ops the model may call. Defaults to every registered variant's ops.
+        verbose: let the exporter print its own diagnostics.
+
+    Returns:
+        The ModelProto with every ``deploykit::`` node's function body attached.
+    """
+    opset = DEFAULT_OPSET if opset is None else opset
+    dynamic_batch = True if dynamic_batch is None else dynamic_batch
+    if opset not in SUPPORTED_OPSETS:
+        raise DeployError(f"Opset {opset} is not supported; choose one of {SUPPORTED_OPSETS.start}-"
+                          f"{SUPPORTED_OPSETS.stop - 1} (19 is the first with DeformConv).")
+    if custom_ops is None:
+        from deploykit.ops import custom_ops as registered_custom_ops
+        custom_ops = registered_custom_ops()
+    dynamic_shapes = None
+    if dynamic_batch:
+        example = _with_batch(example, max(_TRACE_BATCH, example.shape[0]))
+        dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM_NAME, min=1)},)
+    with registered_schemas(custom_ops), _quiet(not verbose):
+        try:
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=opset, input_names=list(input_names),
+                output_names=list(output_names), dynamic_shapes=dynamic_shapes, external_data=False,
+                custom_translation_table={op.torch_op: op.translation() for op in custom_ops}, verbose=verbose,
+                report=False, optimize=True)
+        except Exception as err:  # the exporter raises many types; all mean "this model did not export"
+            raise DeployError(f"torch.onnx could not export the model: {_summary(err)} (run with -v for the "
+                              f"exporter's full report).") from err
+    return attach_functions(program.model_proto, custom_ops, opset)
+
+
+def _with_batch(example: torch.Tensor, batch: int) -> torch.Tensor:
+    if example.shape[0] == batch:
+        return example
+    repeats = -(-batch // example.shape[0])
+    return example.repeat(repeats, *([1] * (example.dim() - 1)))[:batch]
+
+
+def _summary(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__).rstrip(".")
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Silence the exporter's progress prints and warnings unless verbose."""
+    if not enabled:
+        yield
+        return
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)

@@ -1,0 +1,105 @@
+"""Graph passes run on every exported model, in this order (see `run_passes`):
+
+1. `fold_constants`: evaluate every input-independent subgraph once and store its result as an initializer
+   (onnx-graphsurgeon; generic, not per-op: e.g. TVConv's generated weights become initializers). Nodes that
+   depend on a graph input are never touched.
+2. `infer_shapes`: strict ONNX shape inference; ``deploykit::`` nodes are inferred through their function bodies.
+3. `check_custom_nodes`: every node outside the standard domains must carry a function body.
+4. `check`: ``onnx.checker.check_model(full_check=True)`` and an IR version onnxruntime accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from deploykit.errors import DeployError
+
+# onnxruntime 1.31 loads IR <= 13; the exporter writes 10 for opset 20. Newer IR is lowered to this.
+MAX_IR_VERSION = 10
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class GraphStats:
+    nodes: int
+    initializers: int
+    parameters: int  # elements in initializers
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "GraphStats":
+        inits = model.graph.initializer
+        return cls(len(model.graph.node), len(inits), int(sum(np.prod(t.dims, dtype=np.int64) for t in inits)))
+
+
+@dataclass
+class PassReport:
+    """What the passes changed, for the report."""
+
+    before: GraphStats
+    after: GraphStats
+    folded_nodes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_passes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
+    """Run every pass on `model` and return the result with a summary of what changed."""
+    before = GraphStats.of(model)
+    model = fold_constants(model)
+    model = infer_shapes(model)
+    check_custom_nodes(model)
+    check(model)
+    after = GraphStats.of(model)
+    return model, PassReport(before, after, folded_nodes=before.nodes - after.nodes)
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace input-independent subgraphs by their values, then drop dead nodes and sort topologically."""
+    graph = gs.import_onnx(model)
+    # "basic" partitioning folds what it can even if one node in a foldable region fails to evaluate.
+    graph.fold_constants(partitioning="basic", error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    folded = gs.export_onnx(graph, do_type_check=True)
+    _keep_model_fields(model, folded)
+    return folded
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict shape inference, so every value (custom nodes included) has a known type and shape."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as err:
+        raise DeployError(f"ONNX shape inference failed on the exported graph: {err}.") from err
+
+
+def check_custom_nodes(model: onnx.ModelProto) -> None:
+    """Every non-standard node must be a call of a model-local function, so the file runs anywhere."""
+    functions = {(f.domain, f.name) for f in model.functions}
+    bare = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                   if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) not in functions})
+    if bare:
+        raise DeployError(f"The exported graph has custom nodes without a function body ({', '.join(bare)}); "
+                          f"other runtimes could not run it.")
+
+
+def check(model: onnx.ModelProto) -> None:
+    """Validate the model as onnxruntime and TensorRT will see it."""
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise DeployError(f"The exported ONNX model is invalid: {err}.") from err
+
+
+def _keep_model_fields(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """graphsurgeon rebuilds the ModelProto; carry over what it does not know about."""
+    target.ir_version = source.ir_version
+    target.producer_name, target.producer_version = source.producer_name, source.producer_version
+    del target.opset_import[:]
+    target.opset_import.extend(source.opset_import)
+    del target.metadata_props[:]
+    target.metadata_props.extend(source.metadata_props)

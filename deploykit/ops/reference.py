@@ -1,0 +1,68 @@
+"""Float64 NumPy reference primitives for the per-variant references.
+
+Written from the textbook formulas, with no PyTorch and no ONNX, so that a variant's reference is an independent
+check of both its module and its export. Loops run over kernel taps only; everything else is vectorised.
+Layout is NCHW throughout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: int | tuple[int, int] = 1,
+           padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1) -> np.ndarray:
+    """Cross-correlation: y[b,o,i,j] = bias[o] + sum_{c,p,q} w[o,c,p,q] * xpad[b, g(o)*C/G + c, i*s+p*d, j*s+q*d]."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    batch, channels, height, width = x.shape
+    out_channels, group_channels, kh, kw = weight.shape
+    if channels != group_channels * groups or out_channels % groups:
+        raise ValueError(f"conv2d: input {x.shape} with weight {weight.shape} and groups={groups} do not fit")
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x = x.reshape(batch, groups, group_channels, *x.shape[2:])
+    w = weight.astype(np.float64).reshape(groups, out_channels // groups, group_channels, kh, kw)
+    y = np.zeros((batch, groups, out_channels // groups, out_h, out_w))
+    for p in range(kh):
+        for q in range(kw):
+            window = x[..., p * dh: p * dh + sh * (out_h - 1) + 1: sh, q * dw: q * dw + sw * (out_w - 1) + 1: sw]
+            y += np.einsum("bgchw,goc->bgohw", window, w[..., p, q])
+    y = y.reshape(batch, out_channels, out_h, out_w)
+    if bias is not None:
+        y += bias.astype(np.float64)[None, :, None, None]
+    return y
+
+
+def avg_pool2d(x: np.ndarray, kernel: int, stride: int | None = None) -> np.ndarray:
+    """Average over non-padded `kernel` x `kernel` windows (floor mode: partial windows are dropped)."""
+    stride = stride or kernel
+    out_h, out_w = (x.shape[2] - kernel) // stride + 1, (x.shape[3] - kernel) // stride + 1
+    total = np.zeros((*x.shape[:2], out_h, out_w))
+    for p in range(kernel):
+        for q in range(kernel):
+            total += x[..., p: p + stride * (out_h - 1) + 1: stride, q: q + stride * (out_w - 1) + 1: stride]
+    return total / (kernel * kernel)
+
+
+def resize_nearest(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize with the floor mapping src = floor(dst * in / out) (PyTorch's 'nearest')."""
+    rows = np.floor(np.arange(size[0]) * (x.shape[2] / size[0])).astype(int)
+    cols = np.floor(np.arange(size[1]) * (x.shape[3] / size[1])).astype(int)
+    return x[:, :, rows][:, :, :, cols]
+
+
+def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+               eps: float) -> np.ndarray:
+    """Inference-mode batch normalisation with running statistics."""
+    def channel(v: np.ndarray) -> np.ndarray:
+        return v.astype(np.float64)[None, :, None, None]
+    return (x - channel(mean)) / np.sqrt(channel(var) + eps) * channel(weight) + channel(bias)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)

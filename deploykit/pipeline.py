@@ -1,0 +1,186 @@
+"""The export pipeline, top to bottom: checkpoint -> model -> ONNX -> passes -> onnxruntime -> comparison -> files.
+
+`export_model` is the Python API; ``export.py`` only turns command-line arguments into an `ExportConfig`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from deploykit import artifacts
+from deploykit.checkpoint import Checkpoint, load_checkpoint
+from deploykit.config import ExportConfig
+from deploykit.errors import DeployError, VerificationFailed
+from deploykit.export.onnx import DEFAULT_OPSET, onnx_from_model
+from deploykit.export.passes import run_passes
+from deploykit.fileio import ensure_writable_dir
+from deploykit.log import LOGGER, stage
+from deploykit.models import MODELS, build_model, model_spec
+from deploykit.runtime.ort import session_from_onnx
+from deploykit.verify import compare, onnxrt_results, polygraphy_command, torch_results
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+@dataclass
+class ExportResult:
+    """What a run produced: the verdict, the artifact paths and the report written to report.json."""
+
+    passed: bool
+    output_dir: Path
+    files: dict[str, Path]
+    report: dict
+
+
+def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> ExportResult:
+    """Export, verify and save one model.
+
+    Args:
+        config: what to export; see `ExportConfig`.
+        raise_on_mismatch: raise `VerificationFailed` (after writing the artifacts) if the deployed model does
+            not match PyTorch. Defaults to False: check ``result.passed``.
+
+    Raises:
+        DeployError: a problem with the input (bad checkpoint, unknown arch, shape, unwritable directory, ...);
+            nothing is written then.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    if isinstance(config.model, nn.Module):
+        checkpoint = Checkpoint(path=Path("<module>"), module=config.model)
+    else:
+        with stage(f"Loading checkpoint {config.model}", timings, "load_checkpoint"):
+            checkpoint = load_checkpoint(config.model, trust_pickle=config.trust_pickle)
+    arch = _resolve_arch(checkpoint, config.arch)
+    output_dir = ensure_writable_dir(config.output_dir or Path("deploykit-out") / (arch or "model"))
+
+    with stage(f"Building {arch or type(checkpoint.module).__name__}", timings, "build_model"):
+        model = checkpoint.module.eval() if checkpoint.module is not None else \
+            build_model(arch, checkpoint.arch_kwargs, checkpoint.state_dict)
+    input_shape = _resolve_input_shape(config.input_shape, arch)
+    dynamic_batch = True if config.dynamic_batch is None else config.dynamic_batch
+    feeds = _make_feeds(config, input_shape, dynamic_batch)
+
+    with stage("Running PyTorch", timings, "torch_run"):
+        try:
+            reference = torch_results(model, feeds, [OUTPUT_NAME])
+        except (RuntimeError, ValueError) as err:
+            shape = "x".join(map(str, feeds[0][INPUT_NAME].shape))
+            raise DeployError(f"{arch or 'The model'} cannot take an input of shape {shape}: "
+                              f"{str(err).strip().splitlines()[0].rstrip('.')}.") from err
+
+    opset = config.opset or DEFAULT_OPSET
+    batch_kind = "dynamic" if dynamic_batch else "static"
+    with stage(f"Exporting ONNX (opset {opset}, {batch_kind} batch)", timings, "export"):
+        onnx_model = onnx_from_model(model, torch.from_numpy(feeds[0][INPUT_NAME]), opset=opset,
+                                     dynamic_batch=dynamic_batch, input_names=[INPUT_NAME],
+                                     output_names=[OUTPUT_NAME], verbose=config.verbose)
+    with stage("Graph passes (constant folding, shape inference, checks)", timings, "passes"):
+        onnx_model, pass_report = run_passes(onnx_model)
+    LOGGER.debug("  %d -> %d nodes, %d initializers", pass_report.before.nodes, pass_report.after.nodes,
+                 pass_report.after.initializers)
+
+    with stage("Running onnxruntime", timings, "onnxruntime"):
+        session = session_from_onnx(onnx_model, config.providers, config.threads)
+        candidate = onnxrt_results(session, feeds)
+    verification = compare(candidate, reference, rtol=config.rtol, atol=config.atol)
+
+    report = {
+        "versions": artifacts.versions(),
+        "config": _config_summary(config, arch, input_shape, dynamic_batch, opset),
+        "model": {"arch": arch, "checkpoint": str(checkpoint.path),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "export": {"opset": opset, "ir_version": onnx_model.ir_version, "dynamic_batch": dynamic_batch,
+                   "custom_nodes": sorted({f"{n.domain}::{n.op_type}" for n in onnx_model.graph.node if n.domain}),
+                   "passes": pass_report.as_dict()},
+        "runtime": {"name": "onnxruntime", "providers": session.get_providers()},
+        "verification": verification.as_dict(),
+        "reproduce": polygraphy_command(artifacts.MODEL_FILE, artifacts.INPUTS_FILE,
+                                        artifacts.TORCH_OUTPUTS_FILE, verification),
+        "timings_s": timings,
+    }
+    with stage(f"Writing artifacts to {output_dir}", timings, "write"):
+        timings["total"] = round(time.perf_counter() - started, 4)
+        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference, report)
+
+    worst = verification.worst
+    verdict = "PASSED" if verification.passed else "FAILED"
+    LOGGER.info("%s: onnxruntime (%s) vs PyTorch, worst output %r: max abs err %.3g, rel to range %.3g "
+                "(rtol %g, atol %.3g)", verdict, session.get_providers()[0], worst.name, worst.max_abs,
+                worst.rel_to_range, worst.rtol, worst.atol)
+    result = ExportResult(verification.passed, output_dir, files, report)
+    if raise_on_mismatch and not result.passed:
+        raise VerificationFailed(f"The onnxruntime outputs differ from PyTorch beyond tolerance (worst: "
+                                 f"{worst.name}, rel to range {worst.rel_to_range:.3g}); see {files['report.json']}.")
+    return result
+
+
+def _resolve_arch(checkpoint: Checkpoint, requested: str | None) -> str | None:
+    """The architecture to build: --arch, else the checkpoint's, else the file name if it names a zoo model."""
+    if requested is not None:
+        model_spec(requested)  # unknown names fail here, listing the known ones
+        if checkpoint.arch is not None and checkpoint.arch != requested:
+            raise DeployError(f"--arch {requested} contradicts the checkpoint, which was saved for {checkpoint.arch}.")
+        return requested
+    if checkpoint.arch is not None or checkpoint.module is not None:
+        return checkpoint.arch
+    guess = re.sub(r"-[0-9a-f]{6,}$", "", checkpoint.path.stem)  # official names: scnet50-dc6a7e87.pth
+    if guess in MODELS:
+        LOGGER.info("  architecture %s taken from the file name (pass --arch to override)", guess)
+        return guess
+    raise DeployError(f"{checkpoint.path} is a bare state_dict that names no architecture; pass --arch (one of: "
+                      f"{', '.join(sorted(MODELS))}).")
+
+
+def _resolve_input_shape(requested: tuple[int, ...] | None, arch: str | None) -> tuple[int, ...]:
+    if requested is not None:
+        return requested
+    if arch is None:
+        raise DeployError("The model is not a zoo architecture, so its input shape is unknown; pass --input-shape.")
+    return (1, *model_spec(arch).input_shape)
+
+
+def _make_feeds(config: ExportConfig, input_shape: tuple[int, ...], dynamic_batch: bool) -> list[dict[str, np.ndarray]]:
+    """Verification inputs: the user's .npz, or seeded normal noise at the requested batch and, when the batch
+    is dynamic, at one more batch size, so the check also proves that one file serves several batch sizes."""
+    if config.inputs is not None:
+        return [{INPUT_NAME: _load_npz_input(config.inputs)}]
+    generator = torch.Generator().manual_seed(0 if config.seed is None else config.seed)
+    batches = [input_shape[0], input_shape[0] + 1] if dynamic_batch else [input_shape[0]]
+    return [{INPUT_NAME: torch.randn((b, *input_shape[1:]), generator=generator).numpy()} for b in batches]
+
+
+def _load_npz_input(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = dict(data)
+    except (OSError, ValueError) as err:
+        raise DeployError(f"Cannot read inputs from {path}: {err}.") from None
+    if INPUT_NAME in arrays:
+        array = arrays[INPUT_NAME]
+    elif len(arrays) == 1:
+        array = next(iter(arrays.values()))
+    else:
+        raise DeployError(f"{path} holds arrays {', '.join(arrays)}; name the model input {INPUT_NAME!r}.")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DeployError(f"The input in {path} has dtype {array.dtype}; a floating-point array is needed.")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _config_summary(config: ExportConfig, arch: str | None, input_shape: tuple[int, ...], dynamic_batch: bool,
+                    opset: int) -> dict:
+    summary = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "model"}
+    summary.update(model=str(config.model) if not isinstance(config.model, nn.Module) else type(config.model).__name__,
+                   arch=arch, input_shape=list(input_shape), dynamic_batch=dynamic_batch, opset=opset,
+                   output_dir=str(config.output_dir) if config.output_dir else None,
+                   inputs=str(config.inputs) if config.inputs else None)
+    return summary

@@ -1,0 +1,1 @@
+"""Runtimes that execute the exported model: onnxruntime here; TensorRT when installed (later)."""

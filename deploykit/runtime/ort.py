@@ -1,0 +1,59 @@
+"""onnxruntime sessions for exported models.
+
+By default the session uses the best execution providers this onnxruntime build offers, in the order TensorRT,
+CUDA, CPU (``onnxruntime-gpu`` offers the first two; the plain wheel only CPU). The report records the providers
+the session actually runs with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+import onnxruntime as ort
+
+from deploykit.errors import DeployError
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_SHORT_NAMES = {"trt": "TensorrtExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+                "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def resolve_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Provider names for a session: `requested` (short names like "cpu" allowed) or the best available.
+
+    Args:
+        requested: e.g. ["cuda", "cpu"]. Defaults to every available provider among TensorRT, CUDA, CPU.
+    """
+    available = ort.get_available_providers()
+    if not requested:
+        return [p for p in PREFERRED_PROVIDERS if p in available]
+    providers = [_SHORT_NAMES.get(name.lower(), name) for name in requested]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise DeployError(f"This onnxruntime build does not offer {', '.join(missing)} (available: "
+                          f"{', '.join(available)}).")
+    return providers
+
+
+def session_from_onnx(model: onnx.ModelProto | bytes, providers: Sequence[str] | None = None,
+                      threads: int | None = None) -> ort.InferenceSession:
+    """An InferenceSession with all graph optimisations.
+
+    Args:
+        model: the model (ModelProto or serialized bytes).
+        providers: see `resolve_providers`. Defaults to the best available.
+        threads: intra-op threads. Defaults to onnxruntime's choice (one per physical core).
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(data, options, providers=resolve_providers(providers))
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.NotImplemented,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph, RuntimeError) as err:
+        raise DeployError(f"onnxruntime {ort.__version__} cannot load the exported model: "
+                          f"{str(err).strip().splitlines()[0]}.") from err

@@ -1,0 +1,36 @@
+"""Every registered variant has all its layers, under one stem: module, export contract, test, plugin."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from deploykit.ops import VARIANTS
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = [spec.name for spec in VARIANTS]
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=NAMES)
+def test_variant_has_every_layer(spec):
+    assert spec.module.__module__ == f"deploykit.nn.{spec.name}", "the module lives in deploykit/nn/<name>.py"
+    assert importlib.import_module(f"deploykit.ops.{spec.name}").SPEC is spec, "its contract in deploykit/ops/<name>.py"
+    assert (REPO / "tests" / "ops" / f"test_{spec.name}.py").is_file(), "its tests in tests/ops/test_<name>.py"
+    if spec.plugin is not None:
+        assert (REPO / "plugins" / spec.plugin).is_dir(), "its TensorRT plugin in plugins/<plugin>/"
+    assert spec.tolerance.get("float32", 1) <= 1e-4, "fp32 tolerance is at most 1e-4 unless documented"
+
+
+def test_every_module_file_is_a_registered_variant():
+    files = {p.stem for p in (REPO / "deploykit" / "nn").glob("*.py") if p.stem != "__init__"}
+    assert files == set(NAMES)
+    contracts = {p.stem for p in (REPO / "deploykit" / "ops").glob("*.py")} - {"__init__", "spec", "reference"}
+    assert contracts == set(NAMES)
+
+
+def test_readme_support_matrix_names_every_variant():
+    readme = (REPO / "README.md").read_text()
+    for spec in VARIANTS:
+        assert f"`{spec.name}`" in readme, f"README support matrix lacks {spec.name}"

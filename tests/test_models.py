@@ -1,0 +1,100 @@
+"""The zoo: official state_dict layouts, and export -> onnxruntime parity for every registered model."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from deploykit import ExportConfig, export_model
+from deploykit.models import MODELS, random_model
+from deploykit.runtime.ort import session_from_onnx
+from deploykit.verify import rel_to_range
+
+
+def _conv(name: str, out_c: int, in_c: int, k: int) -> list[tuple[str, tuple]]:
+    return [(f"{name}.weight", (out_c, in_c, k, k))]
+
+
+def _bn(name: str, c: int) -> list[tuple[str, tuple]]:
+    return [(f"{name}.{p}", (c,)) for p in ("weight", "bias", "running_mean", "running_var")] + \
+        [(f"{name}.num_batches_tracked", ())]
+
+
+def official_scnet_layout(layers, deep_stem: bool, stem_width: int, avg_down: bool) -> list[tuple[str, tuple]]:
+    """Keys and shapes of MCG-NKU/SCNet's state_dict, written from the release's layout (references.md sec. 5),
+    independently of deploykit's module code."""
+    if deep_stem:
+        w = stem_width
+        keys = _conv("conv1.0", w, 3, 3) + _bn("conv1.1", w) + _conv("conv1.3", w, w, 3) + _bn("conv1.4", w) + \
+            _conv("conv1.6", 2 * w, w, 3)
+        inplanes = 2 * w
+    else:
+        keys, inplanes = _conv("conv1", 64, 3, 7), 64
+    keys += _bn("bn1", inplanes)
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+        width = planes // 2  # planes * bottleneck_width(32) / 64 per branch
+        for block in range(blocks):
+            p = f"layer{stage}.{block}"
+            keys += _conv(f"{p}.conv1_a", width, inplanes, 1) + _bn(f"{p}.bn1_a", width)
+            keys += _conv(f"{p}.conv1_b", width, inplanes, 1) + _bn(f"{p}.bn1_b", width)
+            keys += _conv(f"{p}.k1.0", width, width, 3) + _bn(f"{p}.k1.1", width)
+            keys += _conv(f"{p}.scconv.k2.1", width, width, 3) + _bn(f"{p}.scconv.k2.2", width)
+            keys += _conv(f"{p}.scconv.k3.0", width, width, 3) + _bn(f"{p}.scconv.k3.1", width)
+            keys += _conv(f"{p}.scconv.k4.0", width, width, 3) + _bn(f"{p}.scconv.k4.1", width)
+            keys += _conv(f"{p}.conv3", 4 * planes, 2 * width, 1) + _bn(f"{p}.bn3", 4 * planes)
+            if block == 0:
+                conv_index = 1 if avg_down else 0
+                keys += _conv(f"{p}.downsample.{conv_index}", 4 * planes, inplanes, 1)
+                keys += _bn(f"{p}.downsample.{conv_index + 1}", 4 * planes)
+            inplanes = 4 * planes
+    return keys + [("fc.weight", (1000, 2048)), ("fc.bias", (1000,))]
+
+
+OFFICIAL = {
+    # arch: (layout, parameters in millions as published)
+    "scnet50": (official_scnet_layout((3, 4, 6, 3), False, 32, False), 25.56),
+    "scnet50_v1d": (official_scnet_layout((3, 4, 6, 3), True, 32, True), 25.58),
+    "scnet101": (official_scnet_layout((3, 4, 23, 3), False, 64, False), 44.57),
+    "scnet101_v1d": (official_scnet_layout((3, 4, 23, 3), True, 64, True), None),  # no official weights
+}
+
+
+@pytest.mark.parametrize("arch", sorted(OFFICIAL))
+def test_state_dict_layout_is_official(arch):
+    layout, params_m = OFFICIAL[arch]
+    model = MODELS[arch].builder()
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == layout
+    if params_m is not None:
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == params_m
+
+
+def test_scnet50_has_704_keys():
+    assert len(OFFICIAL["scnet50"][0]) == 704
+
+
+def test_random_model_is_seeded_and_well_scaled():
+    a, b = random_model("scnet50", seed=3), random_model("scnet50", seed=3)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    with torch.no_grad():
+        logits = a(torch.randn(2, 3, 128, 128))
+    assert 0.05 < logits.std().item() < 50  # calibrated BatchNorm: no explosion, no collapse
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_export_verifies_in_onnxruntime_at_several_batch_sizes(arch, tmp_path):
+    model = random_model(arch)
+    result = export_model(ExportConfig(model=model, arch=arch, input_shape=(1, 3, 128, 128), output_dir=tmp_path))
+    assert result.passed
+    checks = result.report["verification"]["outputs"]
+    assert [c["shape"][0] for c in checks] == [1, 2]  # the requested batch and one more, from one file
+    assert all(c["rel_to_range"] <= 1e-4 for c in checks)
+
+    onnx_model = onnx.load(result.files["model.onnx"])
+    assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    actual = session_from_onnx(onnx_model, ["cpu"]).run(None, {"input": x.numpy()})[0]
+    assert rel_to_range(actual, expected) <= 1e-4
