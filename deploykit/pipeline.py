@@ -23,7 +23,7 @@ from deploykit.export.passes import run_passes
 from deploykit.fileio import ensure_writable_dir
 from deploykit.log import LOGGER, stage
 from deploykit.models import MODELS, build_model, model_spec
-from deploykit.runtime.ort import session_from_onnx
+from deploykit.runtime.ort import resolve_providers, session_from_onnx
 from deploykit.verify import compare, onnxrt_results, polygraphy_command, torch_results
 
 INPUT_NAME = "input"
@@ -66,6 +66,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     with stage(f"Building {arch or type(checkpoint.module).__name__}", timings, "build_model"):
         model = checkpoint.module.eval() if checkpoint.module is not None else \
             build_model(arch, checkpoint.arch_kwargs, checkpoint.state_dict)
+    providers = resolve_providers(config.providers)  # fail before the slow export if one is unavailable
     input_shape = _resolve_input_shape(config.input_shape, arch)
     dynamic_batch = True if config.dynamic_batch is None else config.dynamic_batch
     feeds = _make_feeds(config, input_shape, dynamic_batch)
@@ -90,7 +91,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
                  pass_report.after.initializers)
 
     with stage("Running onnxruntime", timings, "onnxruntime"):
-        session = session_from_onnx(onnx_model, config.providers, config.threads)
+        session = session_from_onnx(onnx_model, providers, config.threads)
         candidate = onnxrt_results(session, feeds)
     verification = compare(candidate, reference, rtol=config.rtol, atol=config.atol)
 

@@ -194,3 +194,33 @@ def test_failed_or_interrupted_write_leaves_nothing(tmp_path, capsys, monkeypatc
     assert cli.main(["--model", str(tmp_path / "tiny.pt"), "--trust-pickle", "--input-shape", "1x3x8x8",
                      "--output-dir", str(out)]) == status
     assert list(out.iterdir()) == []
+
+
+def test_static_batch_npz_inputs_and_opset_19(tmp_path):
+    torch.save(TinyNet(), tmp_path / "tiny.pt")
+    x = torch.randn(3, 3, 10, 12).numpy()
+    import numpy as np
+
+    np.savez(tmp_path / "x.npz", input=x)
+    out = tmp_path / "out"
+    assert cli.main(["--model", str(tmp_path / "tiny.pt"), "--trust-pickle", "--input-shape", "3x3x10x12",
+                     "--static-batch", "--inputs", str(tmp_path / "x.npz"), "--opset", "19",
+                     "--output-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["opset"] == 19 and report["export"]["dynamic_batch"] is False
+    assert [c["shape"] for c in report["verification"]["outputs"]] == [[3, 4, 4, 5]]  # the .npz batch, once
+    import onnx
+
+    model = onnx.load(out / "model.onnx")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    assert next(o.version for o in model.opset_import if o.domain == "") == 19
+
+
+def test_unavailable_provider_fails_before_exporting(tmp_path, capsys, scnet50_checkpoint):
+    message = errors(tmp_path, capsys, "--model", str(scnet50_checkpoint), "--providers", "cuda")
+    assert "does not offer CUDAExecutionProvider" in message
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys):
+    assert cli.main(["--model", str(tmp_path / "missing.pt"), "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err
