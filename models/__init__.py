@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from deploykit.errors import DeployError
 
-from . import scnet
+from . import dyconv, efficientnet_cc, odconv, scnet
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,18 @@ MODELS: dict[str, ModelSpec] = {
     "scnet50_v1d": ModelSpec(scnet.scnet50_v1d, (3, 224, 224), "SCNet-50 with ResNet-D stem and downsampling"),
     "scnet101": ModelSpec(scnet.scnet101, (3, 224, 224), "SCNet-101, self-calibrated convs"),
     "scnet101_v1d": ModelSpec(scnet.scnet101_v1d, (3, 224, 224), "SCNet-101 with ResNet-D stem and downsampling"),
+    "od_resnet18": ModelSpec(odconv.od_resnet18, (3, 224, 224), "ResNet-18 with ODConv (1x), OSVAI/ODConv"),
+    "od_resnet18_4x": ModelSpec(partial(odconv.od_resnet18, kernel_num=4), (3, 224, 224), "ResNet-18, ODConv (4x)"),
+    "od_resnet50": ModelSpec(odconv.od_resnet50, (3, 224, 224), "ResNet-50 with ODConv (1x), OSVAI/ODConv"),
+    "od_resnet50_4x": ModelSpec(partial(odconv.od_resnet50, kernel_num=4), (3, 224, 224), "ResNet-50, ODConv (4x)"),
+    "od_mobilenetv2_100": ModelSpec(odconv.od_mobilenetv2_100, (3, 224, 224), "MobileNetV2 1.0 with ODConv (1x)"),
+    "od_mobilenetv2_100_4x": ModelSpec(partial(odconv.od_mobilenetv2_100, kernel_num=4), (3, 224, 224),
+                                       "MobileNetV2 1.0 with ODConv (4x)"),
+    "dy_resnet18": ModelSpec(dyconv.dy_resnet18, (3, 224, 224), "ResNet-18 with dynamic convolution (DY-CNN), T=1"),
+    "efficientnet_cc_b0_4e": ModelSpec(efficientnet_cc.efficientnet_cc_b0_4e, (3, 224, 224),
+                                       "EfficientNet-B0 with CondConv, 4 experts (timm)"),
+    "tf_efficientnet_cc_b0_4e": ModelSpec(efficientnet_cc.tf_efficientnet_cc_b0_4e, (3, 224, 224),
+                                          "EfficientNet-B0 CondConv, TF port (TF SAME padding, BN eps 1e-3)"),
 }
 
 
@@ -63,7 +76,8 @@ def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None,
     return model.eval()
 
 
-def random_model(arch: str, seed: int = 0, calibration_batches: int = 2, batch_size: int = 8) -> nn.Module:
+def random_model(arch: str, seed: int = 0, input_shape: tuple[int, ...] | None = None, calibration_batches: int = 2,
+                 batch_size: int = 8) -> nn.Module:
     """A seeded random instance of `arch` whose BatchNorm statistics are calibrated, in eval mode.
 
     Fresh running statistics (mean 0, variance 1) let activations grow by orders of magnitude per stage
@@ -71,20 +85,36 @@ def random_model(arch: str, seed: int = 0, calibration_batches: int = 2, batch_s
     are therefore re-estimated on random images that have structure at many scales: on white noise every image
     looks alike to a deep network, deep features barely vary across samples, and BatchNorm calibrated on them
     amplifies rounding errors ~10x (fp32 vs fp64 of SCNet-101: 1.8e-4 relative instead of 2e-5). The weights
-    themselves stay as initialised.
+    themselves stay as initialised. BatchNorms on globally pooled features (one value per sample, e.g. ODConv's
+    attention trunk) are normalised by the features' magnitude rather than their small spread across samples.
+    Calibrate at the resolution the model will be checked at (`input_shape`, one
+    sample without batch; defaults to the model's native input): statistics from another resolution are off.
     """
     spec = model_spec(arch)
+    input_shape = tuple(input_shape or spec.input_shape)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = spec.builder()
-    for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    pooled = set()  # norms that see globally pooled features (e.g. ODConv's attention trunk)
+    hooks = [norm.register_forward_pre_hook(lambda m, args: pooled.add(m) if args[0][0, 0].numel() == 1 else None)
+             for norm in norms]
+    with torch.no_grad():
+        model.eval()(torch.zeros((1, *input_shape)))
+    for hook in hooks:
+        hook.remove()
+    for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the calibration batches
     model.train()
     with torch.no_grad():
         for _ in range(calibration_batches):
-            model(structured_noise(batch_size, spec.input_shape, generator))
+            model(structured_noise(batch_size, input_shape, generator))
+        for norm in pooled:
+            # Pooled features vary little between samples: normalising by that spread would turn attention
+            # logits into near-ties of huge numbers. Normalise by their magnitude (second moment) instead.
+            norm.running_var += norm.running_mean ** 2
     return model.eval()
 
 

@@ -28,3 +28,59 @@ def randomize_batchnorm(module: nn.Module, generator: torch.Generator) -> nn.Mod
             norm.weight.data.copy_(0.5 + torch.rand(c, generator=generator))
             norm.bias.data.copy_(0.2 * torch.randn(c, generator=generator))
     return module
+
+
+def random_conv_config(seed: int) -> dict:
+    """A conv layer shape: kernel 1/3/5, stride 1/2, dilation 1/2, groups 1/2/depthwise, K 1/4/8 kernels,
+    batch 1/3, non-square input."""
+    import random
+
+    rng = random.Random(seed)
+    channels = rng.choice([4, 8, 12])
+    kind = rng.choice(["dense", "grouped", "depthwise"])
+    groups = {"dense": 1, "grouped": 2, "depthwise": channels}[kind]
+    return dict(in_channels=channels, out_channels=channels if kind == "depthwise" else rng.choice([4, 6, 10]),
+                kernel=rng.choice([1, 3, 5]), stride=rng.choice([1, 2]), dilation=rng.choice([1, 2]), groups=groups,
+                experts=rng.choice([1, 4, 8]), batch=rng.choice([1, 3]), height=rng.randint(9, 15),
+                width=rng.randint(9, 15))
+
+
+def conv_input(config: dict, batch: int | None = None, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch or config["batch"], config["in_channels"], config["height"], config["width"])
+    return torch.randn(shape, generator=generator)
+
+
+def assert_trains(module: nn.Module, x: torch.Tensor, steps: int = 30) -> None:
+    """A few Adam steps towards a random target: every parameter gets a gradient and the loss falls."""
+    module.train()
+    with torch.no_grad():
+        target = torch.randn_like(module(x))
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(module(x), target)
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+    assert losses[-1] < 0.9 * losses[0]
+    module.eval()
+
+
+def assert_export_matches(module: nn.Module, make_input, batches=(1, 2, 5), tolerance: float = 1e-4) -> None:
+    """Export with a dynamic batch once; onnxruntime matches the module at every batch size."""
+    from deploykit.export.onnx import onnx_from_model
+    from deploykit.export.passes import run_passes
+    from deploykit.runtime.ort import session_from_onnx
+    from deploykit.verify import rel_to_range
+
+    model, _ = run_passes(onnx_from_model(module.eval(), make_input(2)))
+    assert [n.op_type for n in model.graph.node if n.domain == "deploykit"], "expected a deploykit:: node"
+    session = session_from_onnx(model, ["cpu"])
+    for batch in batches:
+        x = make_input(batch)
+        with torch.no_grad():
+            expected = module(x).numpy()
+        assert rel_to_range(session.run(None, {"input": x.numpy()})[0], expected) <= tolerance

@@ -38,7 +38,7 @@ def ScaleShift(X, S, alpha: float):
     return op.Add(op.Mul(X, S), op.CastLike(op.Constant(value_float=alpha), X))
 
 
-SCALE_SHIFT = CustomOp(torch.ops.deploykit_test.scale_shift.default, ScaleShift)
+SCALE_SHIFT = CustomOp.from_script(torch.ops.deploykit_test.scale_shift.default, ScaleShift)
 
 
 class TinyNet(torch.nn.Module):

@@ -10,21 +10,22 @@ How (torch 2.13, dynamo exporter; see ../shared/notes/ecosystem.md sec. 6 for th
 
 1. the op is a ``torch.library.custom_op`` so ``torch.export`` keeps it as one node;
 2. a ``custom_translation_table`` entry maps it to the custom-domain node. onnxscript only emits a node whose
-   ``onnx.defs`` schema exists, so the schema (derived from the body's signature) is registered for the duration
-   of the export and removed afterwards, leaving no global state behind;
-3. the body, an ``@onnxscript.script(DEPLOYKIT_OPSET)`` function, is appended to ``model.functions`` with its
-   default-domain opset set to the model's.
+   ``onnx.defs`` schema exists, so the schema is registered for the duration of the export and removed afterwards,
+   leaving no global state behind;
+3. the body (a FunctionProto, built for the model's opset) is appended to ``model.functions``.
 
-A body and its torch op are tied by argument names: each body input or attribute takes the torch op argument of
-the same name.
+An op may also offer a *standard lowering*: a translation into plain ONNX ops used instead of the node where it
+applies (e.g. only for a static batch) and is preferred. The ONNX inputs and attributes of the node are the torch
+op's arguments of the same names, in the order `inputs` lists them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 import onnxscript
@@ -37,46 +38,66 @@ DEPLOYKIT_OPSET = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
 # Attributes every node carries so that TensorRT's parser selects our plugin (ignored by other runtimes).
 PLUGIN_ATTRIBUTES = ("plugin_namespace", "plugin_version")
-# torch schema argument types that become ONNX attributes (tensors become inputs).
-_ATTRIBUTE_TYPES = {"float": float, "int": int, "bool": bool, "str": str, "List[int]": Sequence[int],
-                    "List[float]": Sequence[float]}
+# Python types of attributes -> ONNX attribute types (tensors are inputs, never attributes).
+_ATTRIBUTE_TYPES = {int: OpSchema.AttrType.INT, float: OpSchema.AttrType.FLOAT, str: OpSchema.AttrType.STRING,
+                    Sequence[int]: OpSchema.AttrType.INTS, Sequence[float]: OpSchema.AttrType.FLOATS}
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+LOWERINGS = ("auto", "custom", "standard")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per op
 class CustomOp:
-    """One torch custom op and the ONNX node + function body it exports as.
+    """One torch custom op and the ONNX it exports as.
 
     Attributes:
         torch_op: the op overload, e.g. ``torch.ops.deploykit.dynamic_conv2d.default``.
-        body: an ``@onnxscript.script(DEPLOYKIT_OPSET)`` function; its name is the node's op_type, its inputs and
-            attributes are named like the torch op's arguments.
+        op_type: the node's op_type in domain ``deploykit`` (also the TensorRT plugin's name).
+        inputs, outputs: ONNX input/output names; inputs are the torch op's tensor arguments of these names.
+        attributes: ONNX attribute name -> Python type (int, float, str, Sequence[int], Sequence[float]).
+        body: builds the node's function body (domain ``deploykit``, name `op_type`) for a model opset.
+        standard_lowering: optional translation into standard ops, called with the op's arguments by name; it
+            returns None where it does not apply (e.g. a dynamic batch), and the node is emitted instead.
+        reference: optional ``onnx.reference`` OpRun computing the node, for evaluators that cannot run the body.
         plugin_version: the ``plugin_version`` the TensorRT plugin creator registers.
     """
 
-    torch_op: object
-    body: onnxscript.OnnxFunction
+    torch_op: Any
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attributes: Mapping[str, type]
+    body: Callable[[int], onnx.FunctionProto]
+    standard_lowering: Callable[..., Any] | None = None
+    reference: type | None = None
     plugin_version: str = "1"
 
-    @property
-    def op_type(self) -> str:
-        return self.body.name
+    @classmethod
+    def from_script(cls, torch_op: Any, script: onnxscript.OnnxFunction, **options: Any) -> "CustomOp":
+        """A CustomOp whose body is an ``@onnxscript.script(DEPLOYKIT_OPSET)`` function (names from its signature)."""
+        proto = script.to_function_proto()
+        params = script.op_signature.params
+        python_types = {v: k for k, v in _ATTRIBUTE_TYPES.items()}
+        attributes = {p.name: python_types[OpSchema.AttrType[p.type.name]] for p in params if p.is_attribute()}
+        return cls(torch_op, script.name, tuple(p.name for p in params if not p.is_attribute()),
+                   tuple(proto.output), attributes, lambda opset: with_opset(script.to_function_proto(), opset),
+                   **options)
 
     def schema(self) -> OpSchema:
-        """The ``onnx.defs`` schema the exporter needs to emit the node (inputs, outputs, attributes)."""
-        signature = self.body.op_signature
-        inputs = [OpSchema.FormalParameter(p.name, "T", param_option=_option(p.required))
-                  for p in signature.params if not p.is_attribute()]
-        outputs = [OpSchema.FormalParameter(name, "T") for name in self.body.to_function_proto().output]
-        attributes = [OpSchema.Attribute(p.name, OpSchema.AttrType[p.type.name], "") for p in signature.params
-                      if p.is_attribute()]
+        """The ``onnx.defs`` schema the exporter needs to emit the node."""
+        attributes = [OpSchema.Attribute(name, _ATTRIBUTE_TYPES[kind], "") for name, kind in self.attributes.items()]
         attributes += [OpSchema.Attribute(name, OpSchema.AttrType.STRING, "", required=False)
                        for name in PLUGIN_ATTRIBUTES]
-        return OpSchema(self.op_type, DOMAIN, DOMAIN_VERSION, inputs=inputs, outputs=outputs,
+        return OpSchema(self.op_type, DOMAIN, DOMAIN_VERSION,
+                        inputs=[OpSchema.FormalParameter(name, "T") for name in self.inputs],
+                        outputs=[OpSchema.FormalParameter(name, "T") for name in self.outputs],
                         type_constraints=[("T", _FLOAT_TYPES, "floating-point tensors")], attributes=attributes)
 
-    def translation(self) -> Callable:
+    def translation(self, lowering: str = "auto") -> Callable:
         """The ``custom_translation_table`` entry for the torch op.
+
+        Args:
+            lowering: "auto" uses the standard lowering where it applies, else the node; "custom" always emits
+                the node; "standard" requires the standard lowering.
 
         The exporter reads a translation's Python signature to tell ONNX inputs (unannotated) from attributes
         (annotated with a Python type), so the function gets the torch op's argument names and types.
@@ -86,37 +107,43 @@ class CustomOp:
             default = argument.default_value if argument.has_default_value() else inspect.Parameter.empty
             parameters.append(inspect.Parameter(argument.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                 default=default))
-            if (python_type := _ATTRIBUTE_TYPES.get(str(argument.type))) is not None:
+            if (python_type := _TORCH_ATTRIBUTE_TYPES.get(str(argument.type))) is not None:
                 annotations[argument.name] = python_type
 
         def translate(*args, **kwargs):
-            return self._emit(args, kwargs)
+            bound = _bind(self.torch_op, args, kwargs)
+            if lowering != "custom" and self.standard_lowering is not None:
+                lowered = self.standard_lowering(**bound)
+                if lowered is not None:
+                    return lowered
+            if lowering == "standard":
+                raise ValueError(f"{DOMAIN}::{self.op_type} has no standard lowering for this call "
+                                 f"(e.g. it needs a static batch)")
+            return self._emit(bound)
 
         translate.__signature__ = inspect.Signature(parameters)
         translate.__annotations__ = annotations
         translate.__name__ = translate.__qualname__ = f"translate_{self.op_type}"
         return translate
 
-    def _emit(self, args: tuple, kwargs: dict):
+    def _emit(self, bound: dict):
         """Emit the single custom-domain node for one torch op call."""
-        bound = _bind(self.torch_op, args, kwargs)
-        inputs, attributes = [], {}
-        for param in self.body.op_signature.params:
-            value = bound[param.name]
-            if param.is_attribute():
-                attributes[param.name] = list(value) if isinstance(value, (tuple, list)) else value
-            else:
-                inputs.append(value)
+        attributes = {name: list(bound[name]) if isinstance(bound[name], (tuple, list)) else bound[name]
+                      for name in self.attributes}
         node = getattr(DEPLOYKIT_OPSET, self.op_type)
-        return node(*inputs, **attributes, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=self.plugin_version)
+        return node(*(bound[name] for name in self.inputs), **attributes, plugin_namespace=PLUGIN_NAMESPACE,
+                    plugin_version=self.plugin_version)
 
     def function_proto(self, opset: int) -> onnx.FunctionProto:
-        """The body as a model-local function whose standard ops use the model's opset version."""
-        function = self.body.to_function_proto()
-        for entry in function.opset_import:
-            if entry.domain in ("", "ai.onnx"):
-                entry.version = opset
-        return function
+        return self.body(opset)
+
+
+def with_opset(function: onnx.FunctionProto, opset: int) -> onnx.FunctionProto:
+    """Set a function body's default-domain opset to the model's (the checker requires them to agree)."""
+    for entry in function.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    return function
 
 
 @contextlib.contextmanager
@@ -158,18 +185,19 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from _all_nodes(subgraph)
 
 
+# torch schema argument types that become ONNX attributes (tensors become inputs).
+_TORCH_ATTRIBUTE_TYPES = {"float": float, "int": int, "bool": bool, "str": str, "List[int]": Sequence[int],
+                          "List[float]": Sequence[float]}
+
+
 def _bind(torch_op, args: tuple, kwargs: dict) -> dict:
     """Map a torch op call's positional and keyword arguments to their schema names (defaults filled)."""
     names = [a.name for a in torch_op._schema.arguments]
-    defaults = {a.name: a.default_value for a in torch_op._schema.arguments if a.has_default_value()}
-    bound = dict(defaults)
+    bound = {a.name: a.default_value for a in torch_op._schema.arguments if a.has_default_value()}
     bound.update(zip(names, args))
     bound.update(kwargs)
     return bound
 
 
-def _option(required: bool) -> OpSchema.FormalParameterOption:
-    return OpSchema.FormalParameterOption.Single if required else OpSchema.FormalParameterOption.Optional
-
-
-__all__ = ["CustomOp", "DEPLOYKIT_OPSET", "DOMAIN", "PLUGIN_NAMESPACE", "attach_functions", "registered_schemas"]
+__all__ = ["CustomOp", "DEPLOYKIT_OPSET", "DOMAIN", "LOWERINGS", "PLUGIN_NAMESPACE", "attach_functions",
+           "registered_schemas", "with_opset"]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from deploykit.errors import DeployError
-from deploykit.export.custom_op import CustomOp, attach_functions, registered_schemas
+from deploykit.export.custom_op import LOWERINGS, CustomOp, attach_functions, registered_schemas
 
 DEFAULT_OPSET = 20
 SUPPORTED_OPSETS = range(19, 24)
@@ -30,7 +30,7 @@ _TRACE_BATCH = 2
 def onnx_from_model(model: nn.Module, example: torch.Tensor, *, opset: int | None = None,
                     dynamic_batch: bool | None = None, input_names: Sequence[str] = ("input",),
                     output_names: Sequence[str] = ("output",), custom_ops: Sequence[CustomOp] | None = None,
-                    verbose: bool = False) -> onnx.ModelProto:
+                    lowering: str | None = None, verbose: bool = False) -> onnx.ModelProto:
     """Export `model` (called on one tensor) to ONNX.
 
     Args:
@@ -40,18 +40,24 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor, *, opset: int | Non
         dynamic_batch: leave dimension 0 symbolic (named "batch"). Defaults to True.
         input_names, output_names: ONNX graph input/output names. Default to ("input",) and ("output",).
         custom_ops: the ``deploykit::`` ops the model may call. Defaults to every registered variant's ops.
+        lowering: how those ops export: "auto" (default) uses an op's standard-op lowering where it applies
+            (e.g. DynamicConv2d folds a static batch into conv groups) and its ``deploykit::`` node elsewhere;
+            "custom" always emits the node (for TensorRT plugins); "standard" requires standard ops.
         verbose: let the exporter print its own diagnostics.
 
     Returns:
         The ModelProto with every ``deploykit::`` node's function body attached.
     """
     opset = DEFAULT_OPSET if opset is None else opset
+    lowering = lowering or "auto"
+    if lowering not in LOWERINGS:
+        raise DeployError(f"Lowering {lowering!r} is unknown; choose one of {', '.join(LOWERINGS)}.")
     dynamic_batch = True if dynamic_batch is None else dynamic_batch
     if opset not in SUPPORTED_OPSETS:
         raise DeployError(f"Opset {opset} is not supported; choose one of {SUPPORTED_OPSETS.start}-"
                           f"{SUPPORTED_OPSETS.stop - 1} (19 is the first with DeformConv).")
     if custom_ops is None:
-        from deploykit.ops import custom_ops as registered_custom_ops
+        from deploykit.variants import custom_ops as registered_custom_ops
         custom_ops = registered_custom_ops()
     dynamic_shapes = None
     if dynamic_batch:
@@ -62,7 +68,7 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor, *, opset: int | Non
             program = torch.onnx.export(
                 model, (example,), dynamo=True, opset_version=opset, input_names=list(input_names),
                 output_names=list(output_names), dynamic_shapes=dynamic_shapes, external_data=False,
-                custom_translation_table={op.torch_op: op.translation() for op in custom_ops}, verbose=verbose,
+                custom_translation_table={op.torch_op: op.translation(lowering) for op in custom_ops}, verbose=verbose,
                 report=False, optimize=True)
         except Exception as err:  # the exporter raises many types; all mean "this model did not export"
             raise DeployError(f"torch.onnx could not export the model: {_summary(err)} (run with -v for the "
@@ -78,7 +84,11 @@ def _with_batch(example: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _summary(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    """The most specific line of the exporter's (long, markdown) error: its exception summary if it has one."""
+    text = str(err)
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("⬆")]
     return (lines[0] if lines else type(err).__name__).rstrip(".")
 
 

@@ -1,5 +1,8 @@
 """Layer 1: the PyTorch modules of every conv variant deploykit owns (one file per variant)."""
 
+from deploykit.nn.condconv import CondConv2d, CondConvRouting
+from deploykit.nn.dyconv import DyConv2d
+from deploykit.nn.odconv import ODConv2d
 from deploykit.nn.scconv import SCConv
 
-__all__ = ["SCConv"]
+__all__ = ["CondConv2d", "CondConvRouting", "DyConv2d", "ODConv2d", "SCConv"]

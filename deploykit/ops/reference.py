@@ -66,3 +66,19 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """x [N, in] @ weight[out, in (, 1, 1)]^T + bias: a Linear layer or a 1x1 conv on pooled features."""
+    y = x @ weight.reshape(weight.shape[0], -1).astype(np.float64).T
+    return y if bias is None else y + bias.astype(np.float64)
+
+
+def array(tensor) -> np.ndarray | None:
+    """A parameter or buffer as a float64 array (None stays None)."""
+    return None if tensor is None else tensor.detach().cpu().double().numpy()

@@ -1,6 +1,6 @@
 """`VariantSpec`: everything deploykit knows about one conv variant beyond its PyTorch module.
 
-One spec per variant, in `deploykit/ops/<name>.py`, collected in `deploykit.ops.VARIANTS`. The same stem names
+One spec per variant, in `deploykit/ops/<name>.py`, collected in `deploykit.variants.VARIANTS`. The same stem names
 the variant in every layer (``deploykit/nn/<name>.py``, ``deploykit/ops/<name>.py``, ``plugins/<name>/``,
 ``tests/ops/test_<name>.py``); `tests/test_layout.py` enforces that.
 """
@@ -24,7 +24,7 @@ class VariantSpec:
         name: the stem shared by the variant's files in every layer.
         module: the PyTorch layer (in `deploykit.nn`).
         reference: float64 NumPy implementation of the layer's forward, written from the paper's formula:
-            ``reference(module, x) -> y``; it reads the module's parameters, never calls its code.
+            ``reference(module, x, *extra_inputs) -> y``; it reads the module's parameters, never calls its code.
         tolerance: max error relative to the output's range (max |y|) allowed against `reference`, per dtype.
         custom_ops: the ``deploykit::`` ONNX ops the variant exports (empty: it exports to standard ONNX only).
         plugin: name of its folder under ``plugins/`` when a TensorRT plugin implements its custom ops.
@@ -32,7 +32,7 @@ class VariantSpec:
 
     name: str
     module: type[nn.Module]
-    reference: Callable[[nn.Module, np.ndarray], np.ndarray]
+    reference: Callable[..., np.ndarray]
     tolerance: dict[str, float]
     custom_ops: tuple[CustomOp, ...] = ()
     plugin: str | None = None
