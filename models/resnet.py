@@ -15,6 +15,16 @@ from torch import nn
 ConvFactory = Callable[[int, int, int, int], nn.Module]  # (in_planes, out_planes, kernel_size, stride)
 
 
+def init_resnet_weights(model: nn.Module) -> None:
+    """The ResNet init every official model here uses: He-normal (fan_out) convs, BatchNorm = identity."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -79,12 +89,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(dropout) if dropout is not None else nn.Identity()
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int, conv: ConvFactory,
                     shortcut_conv: ConvFactory) -> nn.Sequential:

@@ -15,6 +15,8 @@ from torch import nn
 
 from deploykit.nn import SCConv
 
+from .resnet import init_resnet_weights
+
 POOLING_R = 4  # down-sampling rate of the calibration branch in every SCConv
 
 
@@ -94,7 +96,7 @@ class SCNet(nn.Module):
         self.layer4 = self._make_layer(512, layers[3], 2, norm_layer)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * SCBottleneck.expansion, num_classes)
-        self._init_weights()
+        init_resnet_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int, norm_layer: type[nn.Module],
                     is_first: bool = True) -> nn.Sequential:
@@ -114,14 +116,6 @@ class SCNet(nn.Module):
         self.inplanes = out_planes
         blocks_list += [SCBottleneck(self.inplanes, planes, **common) for _ in range(1, blocks)]
         return nn.Sequential(*blocks_list)
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -90,5 +90,6 @@ def test_wrong_architecture_lists_counts_not_every_key():
 
 
 def test_unknown_arch_lists_known_ones():
-    with pytest.raises(DeployError, match="known architectures: scnet101, scnet101_v1d, scnet50, scnet50_v1d"):
+    with pytest.raises(DeployError, match="known architectures: ") as err:
         build_model("resnet9000")
+    assert all(name in str(err.value) for name in ("scnet50_v1d", "od_resnet50_4x", "tf_efficientnet_cc_b0_4e"))
