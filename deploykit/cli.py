@@ -13,6 +13,7 @@ from deploykit import log
 from deploykit.checkpoint import TRUST_PICKLE_FLAG
 from deploykit.config import ExportConfig, parse_shape
 from deploykit.errors import DeployError
+from deploykit.export.custom_op import LOWERINGS
 from deploykit.export.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
 from deploykit.verify import DEFAULT_RTOL
 
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, choices=list(SUPPORTED_OPSETS), metavar="N",
                         help=f"ONNX opset {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
                              f"(default: {DEFAULT_OPSET})")
+    export.add_argument("--lowering", choices=LOWERINGS,
+                        help="deploykit:: ops (dynamic convs): auto = standard ops where they apply (a static batch "
+                             "folds into conv groups), else one custom node with a standard-op body; custom = always "
+                             "the node (for TensorRT plugins); standard = standard ops only (default: auto)")
     check = parser.add_argument_group("verification")
     check.add_argument("--inputs", metavar="FILE.npz",
                        help="verification input (array named 'input', or the only array); default: seeded random")
@@ -76,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
         model=args.model, arch=args.arch, output_dir=args.output_dir, input_shape=args.input_shape,
-        dynamic_batch=not args.static_batch, opset=args.opset, inputs=args.inputs, seed=args.seed, rtol=args.rtol,
-        atol=args.atol, providers=args.providers.split(",") if args.providers else None, threads=args.threads,
+        dynamic_batch=not args.static_batch, opset=args.opset, lowering=args.lowering, inputs=args.inputs,
+        seed=args.seed, rtol=args.rtol, atol=args.atol,
+        providers=args.providers.split(",") if args.providers else None, threads=args.threads,
         trust_pickle=args.trust_pickle, verbose=args.verbose)
 
 

@@ -24,6 +24,9 @@ class ExportConfig:
             model's native resolution.
         dynamic_batch: export the batch dimension as symbolic. Defaults to True.
         opset: ONNX opset, 19-23. Defaults to 20.
+        lowering: how ``deploykit::`` ops export: "auto" (their standard-op lowering where it applies, e.g. a
+            static batch folded into conv groups, else the custom node), "custom" (always the node, e.g. for
+            TensorRT plugins) or "standard" (standard ops only; fails where none exists). Defaults to "auto".
         inputs: ``.npz`` file with the verification inputs. Defaults to seeded random normal inputs.
         seed: seed of the random inputs. Defaults to 0.
         rtol, atol: verification tolerances (see `deploykit.verify`). Default to 1e-4 and ``rtol * max|output|``.
@@ -39,6 +42,7 @@ class ExportConfig:
     input_shape: tuple[int, ...] | None = None
     dynamic_batch: bool | None = None
     opset: int | None = None
+    lowering: str | None = None
     inputs: str | os.PathLike | None = None
     seed: int | None = None
     rtol: float | None = None

@@ -84,7 +84,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     with stage(f"Exporting ONNX (opset {opset}, {batch_kind} batch)", timings, "export"):
         onnx_model = onnx_from_model(model, torch.from_numpy(feeds[0][INPUT_NAME]), opset=opset,
                                      dynamic_batch=dynamic_batch, input_names=[INPUT_NAME],
-                                     output_names=[OUTPUT_NAME], verbose=config.verbose)
+                                     output_names=[OUTPUT_NAME], lowering=config.lowering,
+                                     verbose=config.verbose)
     with stage("Graph passes (constant folding, shape inference, checks)", timings, "passes"):
         onnx_model, pass_report = run_passes(onnx_model)
     LOGGER.debug("  %d -> %d nodes, %d initializers", pass_report.before.nodes, pass_report.after.nodes,
@@ -182,6 +183,7 @@ def _config_summary(config: ExportConfig, arch: str | None, input_shape: tuple[i
     summary = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "model"}
     summary.update(model=str(config.model) if not isinstance(config.model, nn.Module) else type(config.model).__name__,
                    arch=arch, input_shape=list(input_shape), dynamic_batch=dynamic_batch, opset=opset,
+                   lowering=config.lowering or "auto",
                    output_dir=str(config.output_dir) if config.output_dir else None,
                    inputs=str(config.inputs) if config.inputs else None)
     return summary

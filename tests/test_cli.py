@@ -224,3 +224,31 @@ def test_unavailable_provider_fails_before_exporting(tmp_path, capsys, scnet50_c
 def test_verbose_shows_the_traceback(tmp_path, capsys):
     assert cli.main(["--model", str(tmp_path / "missing.pt"), "-v"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_official_odconv_checkpoint_through_export_py(tmp_path):
+    """ODConv's main.py format ({"state_dict": {"module.*": ...}}), --arch, a dynamic-conv model, in a subprocess."""
+    from deploykit.models import random_model
+
+    state = random_model("od_resnet18", input_shape=(3, 64, 64)).state_dict()
+    torch.save({"epoch": 100, "state_dict": {f"module.{k}": v for k, v in state.items()}, "best_acc": 73.0},
+               tmp_path / "od_resnet18.pth.tar")
+    out = tmp_path / "out"
+    done = run(str(REPO / "export.py"), "--model", str(tmp_path / "od_resnet18.pth.tar"), "--arch", "od_resnet18",
+               "--input-shape", "2x3x64x64", "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["custom_nodes"] == ["deploykit::DynamicConv2d"] and report["verification"]["passed"]
+
+
+def test_static_batch_lowering_choice(tmp_path):
+    """--static-batch folds dynamic convs into standard ops by default; --lowering custom keeps the node."""
+    from deploykit.models import random_model
+
+    torch.save(random_model("dy_resnet18", input_shape=(3, 32, 32)), tmp_path / "dy.pt")
+    common = ["--model", str(tmp_path / "dy.pt"), "--trust-pickle", "--input-shape", "2x3x32x32", "--static-batch"]
+    assert cli.main([*common, "--output-dir", str(tmp_path / "auto")]) == 0
+    assert cli.main([*common, "--lowering", "custom", "--output-dir", str(tmp_path / "custom")]) == 0
+    auto = json.loads((tmp_path / "auto" / "report.json").read_text())
+    custom = json.loads((tmp_path / "custom" / "report.json").read_text())
+    assert auto["export"]["custom_nodes"] == [] and custom["export"]["custom_nodes"] == ["deploykit::DynamicConv2d"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -89,7 +90,7 @@ def _summary(err: BaseException) -> str:
     if "## Exception summary" in text:
         text = text.split("## Exception summary", 1)[1]
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("⬆")]
-    return (lines[0] if lines else type(err).__name__).rstrip(".")
+    return re.sub(r"^<class '[\w.]+'>: ", "", lines[0] if lines else type(err).__name__).rstrip(".")
 
 
 @contextlib.contextmanager

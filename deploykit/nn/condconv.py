@@ -57,7 +57,8 @@ class CondConv2d(nn.Module):
                  padding: str | int = "", dilation: int = 1, groups: int = 1, bias: bool = False,
                  num_experts: int = 4) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.groups, self.num_experts = in_channels, out_channels, groups, num_experts
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.groups, self.num_experts = groups, num_experts
         self.kernel_size, self.stride, self.dilation = (kernel_size,) * 2, (stride,) * 2, (dilation,) * 2
         self.padding = resolve_padding(padding, kernel_size, stride, dilation)
         self.weight_shape = (out_channels, in_channels // groups, kernel_size, kernel_size)

@@ -15,28 +15,29 @@ Every input is required, so one function body serves every call; a layer without
 the neutral value. ODConv's channel and filter attentions are plain scalings of the input and the output and stay
 outside the op.
 
-Lowerings, measured on the development machine (ORT 1.31, 2 threads, Intel Xeon with AVX-512, ms and ratio to a
-plain static conv of the same shape; ``bench/bench_dynamic_conv.py`` prints the current numbers):
+Lowerings, measured on the development machine (ORT 1.31, 2 threads, Intel Xeon with AVX-512; ms and ratio to a
+plain static conv of the same shape; ``python bench/bench_dynamic_conv.py`` prints the current numbers):
 
-    case                         batch | static | W as input | Scan (body)  | fold (static) | expert (K convs)
-    128->128 3x3 28x28 K=4          1  | 0.71   | 1.46x      | 1.68x        | 1.62x         | ~4x
-                                    8  | 5.73   | 1.42x      | 1.62x        | 1.52x         | ~4x
-    256->64  1x1 28x28              1  | 0.14   |            | 1.03x        | 1.44x         | (MatMul 0.94x)
-                                    8  | 0.99   |            | 1.21x        | 1.09x         | (MatMul 1.07x)
-    depthwise 256 3x3 14x14         1  | 0.034  |            | 5.3x         | 3.4x          | 4.9x
-                                    8  | 0.18   |            | 5.8x         | 5.0x          | 8.8x
+    128->128 3x3 28x28, K=4               batch 1          batch 8
+    static conv (floor)                   0.70             5.71
+    conv with its weight as an input      1.47x            1.38x     <- floor for any runtime-computed kernel
+    node body, dynamic batch              1.56x            1.66x
+    fold, static batch (standard ops)     1.61x            1.54x
+    first candidates, same harness:  Loop over the batch 1.77x / 1.86x; Pad+9 Slice+MatMul taps 2.9x / 3.6x;
+    one big MatMul + 9 shifted Slices 2.7x / 3.7x; K static convs + weighted sum ~4x (K times the FLOPs).
+    depthwise 256 3x3 14x14 (per-sample): Scan 5.3x / 5.8x, fold 3.4x / 5.0x, K convs 4.9x / 8.8x of a static
+    depthwise conv (0.034 / 0.18 ms): ORT's fast depthwise path needs constant weights; the GPU plugin is the fix.
+    1x1 256->64: Scan 1.03x / 1.21x, a batched MatMul 0.94x / 1.07x (not worth a second body).
 
-"W as input" (a plain Conv whose weight is a graph input) is the floor for any runtime-computed kernel: ORT only
-pre-packs constant weights. The node's body therefore aggregates the kernels with one MatMul and runs a ``Scan``
-over the batch with a Conv inside: exact for any batch, within ~15% of that floor for dense convs. With a static
-batch the standard lowering folds the batch into the conv groups (one Conv, group = group * N), the fastest
-standard form; a dynamic batch cannot fold because ONNX's ``group`` is a static attribute. Per-sample depthwise
-convs are slow in every standard form (ORT's fast depthwise path needs constant weights): that is what the GPU
-plugin is for. A 1x1 MatMul form is only ~7% faster than Scan and would need a second body, so it is not used.
+ORT only pre-packs constant weights, so every form pays the weight-as-input floor; the node's body is the best
+dynamic-batch form found (see `function_body` for the details that mattered), and with a static batch the
+standard lowering folds the batch into the conv groups (one Conv, group = group * N), the fastest standard form.
+A dynamic batch cannot fold because ONNX's ``group`` is a static attribute.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -158,34 +159,92 @@ def _attribute_ref(name: str, kind: int) -> onnx.AttributeProto:
     return attribute
 
 
-def function_body(opset: int) -> onnx.FunctionProto:
-    """The node's standard-op body: one MatMul aggregates the kernels, a Scan convolves sample by sample."""
-    conv = helper.make_node("Conv", ["x1", "w_n"], ["y1"])
+def _conv(x: str, w: str, b: str, y: str) -> onnx.NodeProto:
+    """A Conv whose attributes are the function's (strides, pads, dilations, group)."""
+    conv = helper.make_node("Conv", [x, w, b], [y])
     conv.attribute.extend(_attribute_ref(name, onnx.AttributeProto.INTS) for name in ("strides", "pads", "dilations"))
     conv.attribute.append(_attribute_ref("group", onnx.AttributeProto.INT))
-    per_sample = helper.make_graph(
-        [helper.make_node("Constant", [], ["axis0"], value_ints=[0]),
-         helper.make_node("Unsqueeze", ["x_n", "axis0"], ["x1"]), conv,
-         helper.make_node("Squeeze", ["y1", "axis0"], ["y_n"])],
-        "per_sample_conv", [helper.make_value_info("x_n", onnx.TypeProto()), helper.make_value_info("w_n", onnx.TypeProto())],
-        [helper.make_value_info("y_n", onnx.TypeProto())])
+    return conv
+
+
+def _untyped(name: str) -> onnx.ValueInfoProto:
+    return helper.make_value_info(name, onnx.TypeProto())
+
+
+def function_body(opset: int) -> onnx.FunctionProto:
+    """The node's standard-op body: mix the kernel bank per sample, then convolve sample by sample.
+
+    Per-sample kernels are the only large intermediate (N x M x C/g x kH x kW floats), so they are written once
+    and never copied; what mattered in onnxruntime, by measurement:
+    - without tap attention (S all ones: CondConv, DyConv) the kernels are [N, K] @ bank [K, M*C/g*T], one
+      MatMul that reads the bank once for the whole batch;
+    - with tap attention (ODConv) each sample's kernel rows are bank [M*C/g, K*T] @ (A[n, k] * diag(S[n]))
+      [K*T, T], T = kH*kW: the bank relayout is a constant that runtimes fold at load time, and S costs no extra
+      pass over the kernels (a broadcast Mul or Tile + Mul afterwards cost 5-15% of a whole OD-ResNet-50);
+    - the bias goes into each Conv; a batch of one runs one Conv, larger batches a Scan (its slices are views).
+    """
+    per_sample = helper.make_graph([_conv("x_n", "w_n", "b_n", "y_n")], "per_sample_conv",
+                                   [_untyped("x_n"), _untyped("w_n"), _untyped("b_n")], [_untyped("y_n")])
+    single_sample = helper.make_graph([
+        helper.make_node("Reshape", ["kernel_rows", "kernel_shape"], ["kernel"]),
+        _conv("X", "kernel", "stacked_biases", "single")], "single_sample", [], [_untyped("single")])
+    every_sample = helper.make_graph([
+        helper.make_node("Unsqueeze", ["X", "batch_axis"], ["samples"]),
+        helper.make_node("Scan", ["samples", "kernels", "biases"], ["convolved"], body=per_sample, num_scan_inputs=3),
+        helper.make_node("Squeeze", ["convolved", "batch_axis"], ["scanned"])], "every_sample", [],
+        [_untyped("scanned")])
+    # Without tap attention: [N, K] @ bank [K, M*C/g*T], reading the bank once for the whole batch.
+    without_taps = helper.make_graph([
+        helper.make_node("Shape", ["W"], ["bank_size"], end=1),
+        helper.make_node("Concat", ["bank_size", "minus_one"], ["flat_bank_shape"], axis=0),
+        helper.make_node("Reshape", ["W", "flat_bank_shape"], ["flat_bank"]),
+        helper.make_node("MatMul", ["A", "flat_bank"], ["mixed"])], "without_taps", [], [_untyped("mixed")])
+    # With tap attention: bank [M*C/g, K*T] @ D[n] [K*T, T], D[n] = A[n, k] * diag(S[n]).
+    with_taps = helper.make_graph([
+        helper.make_node("Transpose", ["W"], ["bank_by_filter"], perm=[1, 2, 0, 3, 4]),
+        helper.make_node("Concat", ["row_count", "minus_one"], ["bank_shape"], axis=0),
+        helper.make_node("Reshape", ["bank_by_filter", "bank_shape"], ["bank"]),
+        helper.make_node("Shape", ["S"], ["taps_batch"], end=1),
+        helper.make_node("Concat", ["taps_batch", "one_i64", "one_i64", "taps"], ["taps_row_shape"], axis=0),
+        helper.make_node("Reshape", ["S", "taps_row_shape"], ["taps_row"]),
+        helper.make_node("Concat", ["taps", "taps"], ["square"], axis=0),
+        helper.make_node("ConstantOfShape", ["square"], ["square_zeros"]),
+        helper.make_node("EyeLike", ["square_zeros"], ["identity"]),
+        helper.make_node("CastLike", ["identity", "S"], ["identity_like"]),
+        helper.make_node("Mul", ["taps_row", "identity_like"], ["taps_diagonal"]),
+        helper.make_node("Unsqueeze", ["A", "pair_axes"], ["weights"]),
+        helper.make_node("Mul", ["weights", "taps_diagonal"], ["mixing"]),
+        helper.make_node("Shape", ["A"], ["samples_in_a"], end=1),
+        helper.make_node("Concat", ["samples_in_a", "minus_one", "taps"], ["mixing_shape"], axis=0),
+        helper.make_node("Reshape", ["mixing", "mixing_shape"], ["mixing_rows"]),
+        helper.make_node("MatMul", ["bank", "mixing_rows"], ["kernel_rows_tapped"]),
+    ], "with_taps", [], [_untyped("kernel_rows_tapped")])
     nodes = [
         helper.make_node("Constant", [], ["minus_one"], value_ints=[-1]),
-        helper.make_node("Constant", [], ["tap_axes"], value_ints=[1, 2]),
-        helper.make_node("Constant", [], ["spatial_axes"], value_ints=[2, 3]),
-        helper.make_node("Shape", ["W"], ["bank_size"], end=1),
+        helper.make_node("Constant", [], ["one"], value_float=1.0),
+        helper.make_node("Constant", [], ["one_i64"], value_ints=[1]),
+        helper.make_node("Constant", [], ["batch_axis"], value_ints=[1]),
+        helper.make_node("Constant", [], ["pair_axes"], value_ints=[2, 3]),
         helper.make_node("Shape", ["W"], ["kernel_shape"], start=1),
-        helper.make_node("Concat", ["bank_size", "minus_one"], ["flat_shape"], axis=0),
+        helper.make_node("Shape", ["W"], ["rows"], start=1, end=3),
+        helper.make_node("ReduceProd", ["rows"], ["row_count"], keepdims=1),
+        helper.make_node("Shape", ["W"], ["window"], start=3),
+        helper.make_node("ReduceProd", ["window"], ["taps"], keepdims=1),
+        helper.make_node("CastLike", ["one", "S"], ["one_like_s"]),
+        helper.make_node("ReduceMin", ["S"], ["smallest_tap"], keepdims=0),
+        helper.make_node("ReduceMax", ["S"], ["largest_tap"], keepdims=0),
+        helper.make_node("Equal", ["smallest_tap", "one_like_s"], ["smallest_is_one"]),
+        helper.make_node("Equal", ["largest_tap", "one_like_s"], ["largest_is_one"]),
+        helper.make_node("And", ["smallest_is_one", "largest_is_one"], ["taps_are_ones"]),
+        helper.make_node("If", ["taps_are_ones"], ["kernel_rows"], then_branch=without_taps, else_branch=with_taps),
         helper.make_node("Concat", ["minus_one", "kernel_shape"], ["per_sample_shape"], axis=0),
-        helper.make_node("Reshape", ["W", "flat_shape"], ["bank"]),
-        helper.make_node("MatMul", ["A", "bank"], ["mixed"]),
-        helper.make_node("Reshape", ["mixed", "per_sample_shape"], ["kernels"]),
-        helper.make_node("Unsqueeze", ["S", "tap_axes"], ["taps"]),
-        helper.make_node("Mul", ["kernels", "taps"], ["attended"]),
-        helper.make_node("Scan", ["X", "attended"], ["convolved"], body=per_sample, num_scan_inputs=2),
-        helper.make_node("MatMul", ["A", "B"], ["bias"]),
-        helper.make_node("Unsqueeze", ["bias", "spatial_axes"], ["bias4"]),
-        helper.make_node("Add", ["convolved", "bias4"], ["Y"]),
+        helper.make_node("Reshape", ["kernel_rows", "per_sample_shape"], ["kernels"]),
+        helper.make_node("Shape", ["A"], ["batch"], end=1),
+        helper.make_node("MatMul", ["A", "B"], ["biases"]),
+        helper.make_node("Reshape", ["biases", "minus_one"], ["stacked_biases"]),
+        helper.make_node("Equal", ["batch", "one_i64"], ["batch_is_one"]),
+        helper.make_node("Squeeze", ["batch_is_one"], ["single_batch"]),
+        helper.make_node("If", ["single_batch"], ["Y"], then_branch=single_sample, else_branch=every_sample),
     ]
     return helper.make_function(DOMAIN, OP_TYPE, list(INPUTS), ["Y"], nodes, [helper.make_opsetid("", opset)],
                                 attributes=list(ATTRIBUTES))
@@ -196,16 +255,18 @@ def fold_lowering(X, W, A, B, S, strides, pads, dilations, group):
     batch = X.shape[0] if X.shape is not None else None
     if not isinstance(batch, int):
         return None
-    bank_size, out_channels = W.shape[0], W.shape[1]
-    kernels = op.Reshape(op.MatMul(A, op.Reshape(W, op.Constant(value_ints=[bank_size, -1]))),
-                         op.Constant(value_ints=[-1, *W.shape[1:]]))
-    kernels = op.Mul(kernels, op.Unsqueeze(S, op.Constant(value_ints=[1, 2])))
+    bank_size, kernel_shape = W.shape[0], list(W.shape[1:])
+    per_sample = math.prod(kernel_shape)
+    taps = kernel_shape[-2] * kernel_shape[-1]
+    mixed = op.MatMul(A, op.Reshape(W, op.Constant(value_ints=[bank_size, per_sample])))
+    tiled_taps = op.Tile(op.Reshape(S, op.Constant(value_ints=[-1, taps])),
+                         op.Constant(value_ints=[1, per_sample // taps]))
+    kernels = op.Reshape(op.Mul(mixed, tiled_taps), op.Constant(value_ints=[-1, *kernel_shape[1:]]))
     folded = op.Reshape(X, op.Constant(value_ints=[1, -1, *X.shape[2:]]))
-    flat_kernels = op.Reshape(kernels, op.Constant(value_ints=[-1, *W.shape[2:]]))
-    y = op.Conv(folded, flat_kernels, op.Reshape(op.MatMul(A, B), op.Constant(value_ints=[-1])),
+    y = op.Conv(folded, kernels, op.Reshape(op.MatMul(A, B), op.Constant(value_ints=[-1])),
                 strides=list(strides), pads=list(pads), dilations=list(dilations), group=group * batch)
     height, width = output_size(X.shape[2:], W.shape[3:], strides, pads, dilations)
-    return op.Reshape(y, op.Constant(value_ints=[batch, out_channels, height, width]))
+    return op.Reshape(y, op.Constant(value_ints=[batch, kernel_shape[0], height, width]))
 
 
 DYNAMIC_CONV2D = CustomOp(

@@ -119,7 +119,8 @@ def test_export_runs_at_any_batch_from_one_file(index):
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     del bare.graph.value_info[:]
-    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(bare, strict_mode=True).graph.value_info}
+    inferred = onnx.shape_inference.infer_shapes(bare, strict_mode=True, data_prop=True).graph.value_info
+    inferred = {v.name: v for v in inferred}
     dims = [d.dim_param or d.dim_value for d in inferred[node.output[0]].type.tensor_type.shape.dim]
     assert dims == ["batch", config["out_channels"], *expected_size(config)]
     session = session_from_onnx(model, ["cpu"])
