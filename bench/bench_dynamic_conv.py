@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from deploykit.export.onnx import onnx_from_model
 from deploykit.export.passes import run_passes
