@@ -21,6 +21,7 @@ from deploykit.errors import DeployError, VerificationFailed
 from deploykit.export.onnx import DEFAULT_OPSET, onnx_from_model
 from deploykit.export.passes import run_passes
 from deploykit.fileio import ensure_writable_dir
+from deploykit.inputs import structured_noise
 from deploykit.log import LOGGER, stage
 from deploykit.models import MODELS, build_model, model_spec
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
@@ -152,12 +153,15 @@ def _resolve_input_shape(requested: tuple[int, ...] | None, arch: str | None) ->
 
 
 def _make_feeds(config: ExportConfig, input_shape: tuple[int, ...], dynamic_batch: bool) -> list[dict[str, np.ndarray]]:
-    """Verification inputs: the user's .npz, or seeded normal noise at the requested batch and, when the batch
-    is dynamic, at one more batch size, so the check also proves that one file serves several batch sizes."""
+    """Verification inputs: the user's .npz, or seeded random images (`structured_noise`; normal noise for inputs
+    that are not image-shaped) at the requested batch and, when the batch is dynamic, at one more batch size, so
+    the check also proves that one file serves several batch sizes."""
     if config.inputs is not None:
         return [{INPUT_NAME: _load_npz_input(config.inputs)}]
     generator = torch.Generator().manual_seed(0 if config.seed is None else config.seed)
     batches = [input_shape[0], input_shape[0] + 1] if dynamic_batch else [input_shape[0]]
+    if len(input_shape) == 4:
+        return [{INPUT_NAME: structured_noise(b, input_shape[1:], generator).numpy()} for b in batches]
     return [{INPUT_NAME: torch.randn((b, *input_shape[1:]), generator=generator).numpy()} for b in batches]
 
 

@@ -12,10 +12,10 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deploykit.errors import DeployError
+from deploykit.inputs import structured_noise
 
 from . import dyconv, efficientnet_cc, odconv, scnet
 
@@ -77,18 +77,19 @@ def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None,
 
 
 def random_model(arch: str, seed: int = 0, input_shape: tuple[int, ...] | None = None, calibration_batches: int = 2,
-                 batch_size: int = 8) -> nn.Module:
+                 batch_size: int = 8, passes: int = 2) -> nn.Module:
     """A seeded random instance of `arch` whose BatchNorm statistics are calibrated, in eval mode.
 
     Fresh running statistics (mean 0, variance 1) let activations grow by orders of magnitude per stage
     (SCNet-101's logits reach 1e8), so a parity check would test float overflow, not the export. The statistics
-    are therefore re-estimated on random images that have structure at many scales: on white noise every image
-    looks alike to a deep network, deep features barely vary across samples, and BatchNorm calibrated on them
-    amplifies rounding errors ~10x (fp32 vs fp64 of SCNet-101: 1.8e-4 relative instead of 2e-5). The weights
-    themselves stay as initialised. BatchNorms on globally pooled features (one value per sample, e.g. ODConv's
-    attention trunk) are normalised by the features' magnitude rather than their small spread across samples.
-    Calibrate at the resolution the model will be checked at (`input_shape`, one
-    sample without batch; defaults to the model's native input): statistics from another resolution are off.
+    are re-estimated on `structured_noise` images (the kind the pipeline verifies with; calibrated on white noise,
+    random ResNets are ill-conditioned) at `input_shape` (one sample, default: the model's native input); the
+    weights stay as initialised.
+
+    BatchNorms on globally pooled features (one value per sample, e.g. ODConv's attention trunk) would get
+    degenerate variances from a few samples, so they are normalised by the features' magnitude (second moment)
+    instead. Because they steer the main path and the main path feeds them, the two groups are re-estimated in
+    turn (`passes` times), each with the other in eval mode, so the statistics match what inference computes.
     """
     spec = model_spec(arch)
     input_shape = tuple(input_shape or spec.input_shape)
@@ -97,40 +98,46 @@ def random_model(arch: str, seed: int = 0, input_shape: tuple[int, ...] | None =
         torch.manual_seed(seed)
         model = spec.builder()
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    pooled = set()  # norms that see globally pooled features (e.g. ODConv's attention trunk)
+    pooled = _pooled_norms(model, norms, input_shape)
+    main = [norm for norm in norms if norm not in pooled]
+    batches = [structured_noise(batch_size, input_shape, generator) for _ in range(calibration_batches)]
+    _estimate(model, norms, batches)
+    for _ in range(passes):
+        _normalise_by_magnitude(pooled)
+        _estimate(model, main, batches)
+        _estimate(model, pooled, batches)
+    _normalise_by_magnitude(pooled)
+    return model.eval()
+
+
+def _pooled_norms(model: nn.Module, norms: list[nn.Module], input_shape: tuple[int, ...]) -> set[nn.Module]:
+    """The norms whose input has one value per sample and channel (found with one forward pass)."""
+    pooled: set[nn.Module] = set()
     hooks = [norm.register_forward_pre_hook(lambda m, args: pooled.add(m) if args[0][0, 0].numel() == 1 else None)
              for norm in norms]
     with torch.no_grad():
         model.eval()(torch.zeros((1, *input_shape)))
     for hook in hooks:
         hook.remove()
+    return pooled
+
+
+def _estimate(model: nn.Module, norms, batches: list[torch.Tensor]) -> None:
+    """Re-estimate the running statistics of `norms` (cumulative average); every other module in eval mode."""
+    model.eval()
     for norm in norms:
         norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the calibration batches
-    model.train()
+        norm.momentum = None
+        norm.train()
     with torch.no_grad():
-        for _ in range(calibration_batches):
-            model(structured_noise(batch_size, input_shape, generator))
-        for norm in pooled:
-            # Pooled features vary little between samples: normalising by that spread would turn attention
-            # logits into near-ties of huge numbers. Normalise by their magnitude (second moment) instead.
-            norm.running_var += norm.running_mean ** 2
-    return model.eval()
+        for batch in batches:
+            model(batch)
+    model.eval()
 
 
-def structured_noise(batch: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """Random images (C, H, W): smooth noise at a random scale, random contrast and colour cast, plus grain."""
-    channels, height, width = shape
-    images = []
-    for _ in range(batch):
-        scale = int(torch.randint(2, 33, (1,), generator=generator))
-        smooth = F.interpolate(torch.randn(1, channels, scale, scale, generator=generator), size=(height, width),
-                               mode="bilinear", align_corners=False)
-        contrast = 0.5 + 1.5 * torch.rand(1, generator=generator)
-        cast = 0.5 * torch.randn(1, channels, 1, 1, generator=generator)
-        grain = 0.3 * torch.randn(1, channels, height, width, generator=generator)
-        images.append(smooth * contrast + cast + grain)
-    return torch.cat(images)
+def _normalise_by_magnitude(norms) -> None:
+    for norm in norms:
+        norm.running_var += norm.running_mean ** 2
 
 
 def check_state_dict(arch: str, model: nn.Module, state_dict: Mapping[str, torch.Tensor], shown: int = 3) -> None:

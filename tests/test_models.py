@@ -9,6 +9,7 @@ import torch
 from deploykit import ExportConfig, export_model
 from deploykit.models import MODELS, random_model
 from deploykit.export.onnx import onnx_from_model
+from deploykit.inputs import structured_noise
 from deploykit.export.passes import run_passes
 from deploykit.runtime.ort import session_from_onnx
 from deploykit.verify import rel_to_range
@@ -116,23 +117,23 @@ def input_size(arch: str) -> int:
     return 128 if arch.startswith("scnet") else 64  # SCNet's calibration pooling needs >= 128
 
 
-# Random instances of these two are ill-conditioned in float32: PyTorch's own fp32 output differs from its fp64
-# output by more than 1e-4 of the range (up to O(1) for od_mobilenetv2_100_4x, where near-tied softmax attentions
-# flip), so no fp32 runtime can meet 1e-4 against PyTorch on every input. They are checked sample by sample: on
-# every sample that PyTorch computes stably (fp32 within 1e-4 of fp64) the deployed model must match PyTorch.
+# Random instances of these two are ill-conditioned in float32 on some small inputs: PyTorch's own fp32 output
+# differs from its fp64 output by 1e-4 (EfficientNet-CC at 64x64) up to 0.6 (OD-MobileNetV2 4x, where near-tied
+# kernel-attention softmaxes flip) of the range there, so no fp32 runtime can meet 1e-4 on every input. They are checked sample by sample: on
+# every sample that PyTorch computes stably (fp32 within 2e-5 of fp64) the deployed model must match PyTorch.
 ILL_CONDITIONED = {"efficientnet_cc_b0_4e", "od_mobilenetv2_100_4x"}
 
 
 @pytest.mark.parametrize("arch", sorted(ILL_CONDITIONED))
 def test_ill_conditioned_models_are_as_accurate_as_pytorch(arch):
     model = random_model(arch, input_shape=(3, 64, 64))
-    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    x = structured_noise(5, (3, 64, 64), torch.Generator().manual_seed(2))
     onnx_model, _ = run_passes(onnx_from_model(model, x))
     with torch.no_grad():
         fp32 = model(x).numpy()
         fp64 = model.double()(x.double()).numpy()
     deployed = session_from_onnx(onnx_model, ["cpu"]).run(None, {"input": x.numpy()})[0]
-    stable = [n for n in range(len(x)) if rel_to_range(fp32[n], fp64[n]) <= 1e-4]
+    stable = [n for n in range(len(x)) if rel_to_range(fp32[n], fp64[n]) <= 2e-5]
     assert len(stable) >= 2
     assert all(rel_to_range(deployed[n], fp32[n]) <= 1e-4 for n in stable)
 
@@ -151,7 +152,7 @@ def test_export_verifies_in_onnxruntime_at_several_batch_sizes(arch, tmp_path):
     assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     dynamic = "od_" in arch or "dy_" in arch or "_cc_" in arch
     assert bool(result.report["export"]["custom_nodes"]) == dynamic
-    x = torch.randn(3, 3, size, size)
+    x = structured_noise(3, (3, size, size), torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(x).numpy()
     actual = session_from_onnx(onnx_model, ["cpu"]).run(None, {"input": x.numpy()})[0]

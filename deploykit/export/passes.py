@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
 
 from deploykit.errors import DeployError
 
@@ -60,10 +61,14 @@ def run_passes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace input-independent subgraphs by their values, then drop dead nodes and sort topologically."""
-    graph = gs.import_onnx(model)
-    # "basic" partitioning folds what it can even if one node in a foldable region fails to evaluate.
-    graph.fold_constants(partitioning="basic", error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
-    folded = gs.export_onnx(graph, do_type_check=True)
+    saved, GS_LOGGER.severity = GS_LOGGER.severity, GS_LOGGER.ERROR  # its size warnings would go to stdout
+    try:
+        graph = gs.import_onnx(model)
+        # "basic" partitioning folds what it can even if one node in a foldable region fails to evaluate.
+        graph.fold_constants(partitioning="basic", error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+        folded = gs.export_onnx(graph, do_type_check=True)
+    finally:
+        GS_LOGGER.severity = saved
     _keep_model_fields(model, folded)
     return folded
 
