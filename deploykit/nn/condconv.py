@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from deploykit.ops.dynamic_conv2d import dynamic_conv2d
+from deploykit.ops.dynamic_conv2d import dynamic_conv2d, register_neutral_inputs
 
 
 def same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
@@ -64,9 +64,7 @@ class CondConv2d(nn.Module):
         self.weight_shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         self.weight = nn.Parameter(torch.empty(num_experts, math.prod(self.weight_shape)))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None
-        # Neutral values of the op's bias and tap-attention inputs; not part of the checkpoint.
-        self.register_buffer("no_bias", torch.zeros(num_experts, out_channels), persistent=False)
-        self.register_buffer("unit_taps", torch.ones(1, kernel_size, kernel_size), persistent=False)
+        register_neutral_inputs(self, num_experts, out_channels, kernel_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deploykit.ops.dynamic_conv2d import dynamic_conv2d
+from deploykit.ops.dynamic_conv2d import dynamic_conv2d, register_neutral_inputs
 
 
 class DyAttention(nn.Module):
@@ -49,8 +49,7 @@ class DyConv2d(nn.Module):
         self.attention = DyAttention(in_planes, ratio, K, temperature)
         self.weight = nn.Parameter(torch.randn(K, out_planes, in_planes // groups, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(K, out_planes)) if bias else None
-        self.register_buffer("no_bias", torch.zeros(K, out_planes), persistent=False)
-        self.register_buffer("unit_taps", torch.ones(1, kernel_size, kernel_size), persistent=False)
+        register_neutral_inputs(self, K, out_planes, kernel_size)
         if init_weight:
             for kernel in self.weight.data:
                 nn.init.kaiming_uniform_(kernel)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploykit.ops.dynamic_conv2d import dynamic_conv2d
+from deploykit.ops.dynamic_conv2d import dynamic_conv2d, register_neutral_inputs
 
 
 class ODAttention(nn.Module):
@@ -69,8 +69,7 @@ class ODConv2d(nn.Module):
         self.kernel_num = kernel_num
         self.attention = ODAttention(in_planes, out_planes, kernel_size, groups, reduction, kernel_num)
         self.weight = nn.Parameter(torch.randn(kernel_num, out_planes, in_planes // groups, kernel_size, kernel_size))
-        self.register_buffer("no_bias", torch.zeros(kernel_num, out_planes), persistent=False)
-        self.register_buffer("unit_taps", torch.ones(1, kernel_size, kernel_size), persistent=False)
+        register_neutral_inputs(self, kernel_num, out_planes, kernel_size)
         for kernel in self.weight.data:
             nn.init.kaiming_normal_(kernel, mode="fan_out", nonlinearity="relu")
 

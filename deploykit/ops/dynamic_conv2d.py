@@ -115,6 +115,13 @@ def dynamic_conv2d(x: torch.Tensor, weight: torch.Tensor, attention: torch.Tenso
     return _dynamic_conv2d(x, weight, attention, bias, spatial, list(stride), list(pads), list(dilation), groups)
 
 
+def register_neutral_inputs(module: torch.nn.Module, kernels: int, out_channels: int, kernel_size: int) -> None:
+    """Give `module` the op's neutral bias bank (`no_bias`, zeros [K, M]) and tap attention (`unit_taps`, ones
+    [1, k, k]) for layers without them. Non-persistent buffers: they follow `.to()` but stay out of checkpoints."""
+    module.register_buffer("no_bias", torch.zeros(kernels, out_channels), persistent=False)
+    module.register_buffer("unit_taps", torch.ones(1, kernel_size, kernel_size), persistent=False)
+
+
 def output_size(size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
                 dilations: Sequence[int]) -> tuple[int, int]:
     return tuple((size[i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
