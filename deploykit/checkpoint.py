@@ -6,6 +6,9 @@ Three kinds of file are accepted:
   written by `write_checkpoint` (and by ``python -m models NAME -o FILE``);
 * an official release's state_dict, bare or wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``, with DDP's
   ``module.`` prefix stripped; the architecture then comes from ``--arch`` (or the file name);
+* an OpenMMLab checkpoint (mmdet, mmpretrain): its ``backbone.*`` keys are the model; a classifier's ``head.fc.*``
+  becomes ``fc.*``, and a detector's neck and heads are left out, so the backbone is built without its classifier
+  (``num_classes=0``: the export outputs the last stage's feature map);
 * a pickled whole ``nn.Module``, only with ``trust_pickle=True``: unpickling runs code from the file.
 
 Everything else is loaded with ``torch.load(weights_only=True)``, which cannot execute code.
@@ -33,6 +36,7 @@ TRUST_PICKLE_FLAG = "--trust-pickle"
 # Wrappers official training scripts put around the state_dict, and the key prefixes of distributed training.
 _WRAPPER_KEYS = ("state_dict", "model")
 _PREFIXES = ("module.",)
+_BACKBONE, _CLASSIFIER = "backbone.", "head.fc."
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
@@ -102,7 +106,7 @@ def _checkpoint_from_object(path: Path, obj: Any) -> Checkpoint:
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = ", ".join(list(map(str, obj))[:5]) or "none"
         raise DeployError(f"{path} does not contain a state_dict of tensors (its top-level keys: {keys}).")
-    return Checkpoint(path, state_dict=strip_prefixes(dict(obj)))
+    return _with_openmmlab_layout(Checkpoint(path, state_dict=strip_prefixes(dict(obj))))
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,6 +115,22 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         while state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
+
+
+def _with_openmmlab_layout(checkpoint: Checkpoint) -> Checkpoint:
+    """Unwrap an OpenMMLab model (``backbone.*`` + ``head.fc.*`` or a detector's neck/heads); others as they are."""
+    state_dict = checkpoint.state_dict
+    backbone = {k[len(_BACKBONE):]: v for k, v in state_dict.items() if k.startswith(_BACKBONE)}
+    if not backbone:
+        return checkpoint
+    rest = [k for k in state_dict if not k.startswith(_BACKBONE)]
+    if rest and all(k.startswith(_CLASSIFIER) for k in rest):
+        checkpoint.state_dict = {**backbone, **{"fc." + k[len(_CLASSIFIER):]: state_dict[k] for k in rest}}
+    else:
+        checkpoint.state_dict = backbone
+        checkpoint.arch_kwargs["num_classes"] = 0
+        checkpoint.metadata["ignored_keys"] = len(rest)
+    return checkpoint
 
 
 def write_checkpoint(path: str | os.PathLike, arch: str, state_dict: Mapping[str, torch.Tensor],

@@ -57,11 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fix the batch dimension (default: dynamic, one file for every batch size)")
     export.add_argument("--opset", type=int, choices=list(SUPPORTED_OPSETS), metavar="N",
                         help=f"ONNX opset {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
-                             f"(default: {DEFAULT_OPSET})")
+                             f"(default: {DEFAULT_OPSET}; 18 = no DeformConv, deformable convs as standard ops)")
     export.add_argument("--lowering", choices=LOWERINGS,
-                        help="deploykit:: ops (dynamic convs): auto = standard ops where they apply (a static batch "
-                             "folds into conv groups), else one custom node with a standard-op body; custom = always "
-                             "the node (for TensorRT plugins); standard = standard ops only (default: auto)")
+                        help="deploykit:: ops: auto = each op's fastest form (dynamic convs: standard ops where a "
+                             "static batch folds into conv groups; deformable convs: the node, whose body is ONNX "
+                             "DeformConv), else one custom node with a standard-op body; custom = always the node "
+                             "(for TensorRT plugins); standard = standard ops only (default: auto)")
     check = parser.add_argument_group("verification")
     check.add_argument("--inputs", metavar="FILE.npz",
                        help="verification input (array named 'input', or the only array); default: seeded random")

@@ -23,7 +23,7 @@ class ExportConfig:
         input_shape: full input shape including the batch, e.g. (1, 3, 224, 224). Defaults to batch 1 at the
             model's native resolution.
         dynamic_batch: export the batch dimension as symbolic. Defaults to True.
-        opset: ONNX opset, 19-23. Defaults to 20.
+        opset: ONNX opset, 18-23 (18: deformable convs as standard ops). Defaults to 20.
         lowering: how ``deploykit::`` ops export: "auto" (their standard-op lowering where it applies, e.g. a
             static batch folded into conv groups, else the custom node), "custom" (always the node, e.g. for
             TensorRT plugins) or "standard" (standard ops only; fails where none exists). Defaults to "auto".

@@ -62,6 +62,9 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
         with stage(f"Loading checkpoint {config.model}", timings, "load_checkpoint"):
             checkpoint = load_checkpoint(config.model, trust_pickle=config.trust_pickle)
     arch = _resolve_arch(checkpoint, config.arch)
+    if checkpoint.arch_kwargs.get("num_classes") == 0 and "ignored_keys" in checkpoint.metadata:
+        LOGGER.info("  backbone of an OpenMMLab checkpoint (%d neck/head keys left out): exporting it without a "
+                    "classifier, the output is the last stage's feature map", checkpoint.metadata["ignored_keys"])
     output_dir = ensure_writable_dir(config.output_dir or Path("deploykit-out") / (arch or "model"))
 
     with stage(f"Building {arch or type(checkpoint.module).__name__}", timings, "build_model"):

@@ -4,7 +4,7 @@ It lives outside `deploykit.ops` so that importing one op (as the PyTorch module
 variant's contract.
 """
 
-from deploykit.ops import condconv, dyconv, odconv, scconv
+from deploykit.ops import condconv, deform_conv, dyconv, odconv, scconv
 from deploykit.ops.spec import VariantSpec
 
 VARIANTS: tuple[VariantSpec, ...] = (
@@ -12,6 +12,7 @@ VARIANTS: tuple[VariantSpec, ...] = (
     condconv.SPEC,
     dyconv.SPEC,
     odconv.SPEC,
+    deform_conv.SPEC,
 )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from deploykit.errors import DeployError
 from deploykit.inputs import structured_noise
 
-from . import dyconv, efficientnet_cc, odconv, scnet
+from . import dcn, dyconv, efficientnet_cc, odconv, scnet
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ MODELS: dict[str, ModelSpec] = {
                                        "EfficientNet-B0 with CondConv, 4 experts (timm)"),
     "tf_efficientnet_cc_b0_4e": ModelSpec(efficientnet_cc.tf_efficientnet_cc_b0_4e, (3, 224, 224),
                                           "EfficientNet-B0 CondConv, TF port (TF SAME padding, BN eps 1e-3)"),
+    "dcn_resnet50": ModelSpec(dcn.dcn_resnet50, (3, 224, 224),
+                              "ResNet-50, modulated deformable convs (DCNv2) in stages 3-5, mmdet keys"),
+    "dcnv1_resnet50": ModelSpec(dcn.dcnv1_resnet50, (3, 224, 224),
+                                "ResNet-50, deformable convs v1 in stages 3-5, mmdet keys"),
 }
 
 
@@ -71,9 +75,21 @@ def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None,
     except TypeError as err:
         raise DeployError(f"Cannot build {arch} with arguments {dict(arch_kwargs or {})}: {err}.") from None
     if state_dict is not None:
+        state_dict = upgrade_state_dict(model, state_dict)
         check_state_dict(arch, model, state_dict)
         model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+def upgrade_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename legacy keys to the current layout: every submodule with an ``upgrade_state_dict(prefix, state_dict)``
+    hook (e.g. deformable convs, whose offset conv old mmdet checkpoints store as a sibling) rewrites its keys.
+    Returns a new dict; `state_dict` is left as is."""
+    upgraded = dict(state_dict)
+    for name, module in model.named_modules():
+        if hasattr(module, "upgrade_state_dict"):
+            module.upgrade_state_dict(f"{name}." if name else "", upgraded)
+    return upgraded
 
 
 def random_model(arch: str, seed: int = 0, input_shape: tuple[int, ...] | None = None, calibration_batches: int = 2,
@@ -86,6 +102,11 @@ def random_model(arch: str, seed: int = 0, input_shape: tuple[int, ...] | None =
     random ResNets are ill-conditioned) at `input_shape` (one sample, default: the model's native input); the
     weights stay as initialised.
 
+    Convs the official init sets to zero (deformable convs' offset convs) get small random weights and unit
+    normal biases instead: offsets of about a pixel that depend mildly on the input, so a random checkpoint
+    exercises them rather than a plain conv in disguise. (He-normal weights there make the net chaotic: PyTorch's
+    own float32 and float64 outputs of dcn_resnet50 then differ by 6% of the range.)
+
     BatchNorms on globally pooled features (one value per sample, e.g. ODConv's attention trunk) would get
     degenerate variances from a few samples, so they are normalised by the features' magnitude (second moment)
     instead. Because they steer the main path and the main path feeds them, the two groups are re-estimated in
@@ -97,6 +118,11 @@ def random_model(arch: str, seed: int = 0, input_shape: tuple[int, ...] | None =
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = spec.builder()
+        for conv in model.modules():
+            if isinstance(conv, nn.Conv2d) and not conv.weight.detach().any():
+                nn.init.normal_(conv.weight, std=0.1 * conv.weight[0].numel() ** -0.5)
+                if conv.bias is not None:
+                    nn.init.normal_(conv.bias)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     pooled = _pooled_norms(model, norms, input_shape)
     main = [norm for norm in norms if norm not in pooled]

@@ -1,13 +1,14 @@
 """torchvision-layout ResNet whose block convolutions come from a factory.
 
-ODConv's and DY-CNN's official ResNets are torchvision's ResNet with the block convs swapped, so their
-checkpoints use torchvision's names (``layerN.i.conv1``, ``bn1``, ..., ``downsample.0/1``, ``fc``). Here the swap is
-an argument, `conv(in_planes, out_planes, kernel_size, stride)`, instead of one copied ResNet per variant.
+ODConv's and DY-CNN's official ResNets, and mmdet's ResNet backbone (DCN), are torchvision's ResNet with the block
+convs swapped, so their checkpoints use torchvision's names (``layerN.i.conv1``, ``bn1``, ..., ``downsample.0/1``,
+``fc``). Here the swap is an argument, `conv(in_planes, out_planes, kernel_size, stride)` (or one per stage),
+instead of one copied ResNet per variant.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -70,12 +71,16 @@ def plain_conv(in_planes: int, out_planes: int, kernel_size: int, stride: int) -
 class ResNet(nn.Module):
     """Args:
         block: BasicBlock or Bottleneck.
-        conv: factory of the block convolutions.
+        conv: factory of the block convolutions, or four of them, one per stage (e.g. deformable convs in stages
+            3-5 only).
         shortcut_conv: factory of the 1x1 downsample conv. Defaults to a plain nn.Conv2d.
         dropout: dropout before the classifier (ODConv's ResNets use 0.1), or None for none.
+        num_classes: classifier outputs; 0 builds the backbone alone (as mmdet's ResNet), whose output is the
+            last stage's feature map [N, 512 * expansion, H/32, W/32].
     """
 
-    def __init__(self, block: type[nn.Module], layers: tuple[int, int, int, int], conv: ConvFactory,
+    def __init__(self, block: type[nn.Module], layers: tuple[int, int, int, int],
+                 conv: ConvFactory | Sequence[ConvFactory],
                  shortcut_conv: ConvFactory = plain_conv, num_classes: int = 1000, dropout: float | None = None):
         super().__init__()
         self.inplanes = 64
@@ -83,12 +88,13 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers), start=1):
-            self.add_module(f"layer{index}",
-                            self._make_layer(block, planes, blocks, 1 if index == 1 else 2, conv, shortcut_conv))
+        stage_convs = tuple(conv) if isinstance(conv, Sequence) else (conv,) * 4
+        for index, (planes, blocks, stage_conv) in enumerate(zip((64, 128, 256, 512), layers, stage_convs), start=1):
+            self.add_module(f"layer{index}", self._make_layer(block, planes, blocks, 1 if index == 1 else 2,
+                                                              stage_conv, shortcut_conv))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(dropout) if dropout is not None else nn.Identity()
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(512 * block.expansion, num_classes) if num_classes else None
         init_resnet_weights(self)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int, conv: ConvFactory,
@@ -105,4 +111,6 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if self.fc is None:
+            return x
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))

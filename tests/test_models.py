@@ -150,10 +150,69 @@ def test_export_verifies_in_onnxruntime_at_several_batch_sizes(arch, tmp_path):
 
     onnx_model = onnx.load(result.files["model.onnx"])
     assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    dynamic = "od_" in arch or "dy_" in arch or "_cc_" in arch
-    assert bool(result.report["export"]["custom_nodes"]) == dynamic
+    custom = {"deploykit::DynamicConv2d"} if "od_" in arch or "dy_" in arch or "_cc_" in arch else \
+        {"deploykit::DeformConv2d"} if arch.startswith("dcn") else set()
+    assert set(result.report["export"]["custom_nodes"]) == custom
     x = structured_noise(3, (3, size, size), torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(x).numpy()
     actual = session_from_onnx(onnx_model, ["cpu"]).run(None, {"input": x.numpy()})[0]
     assert rel_to_range(actual, expected) <= 1e-4
+
+
+def mmdet_resnet50_layout(offset_outputs: int, bias: bool) -> set[tuple[str, tuple]]:
+    """Keys and shapes of mmdet's ResNet-50 backbone with deformable conv2 in stages 3-5 (dconv_c3-c5), written from
+    mmdet/mmcv's layout (references.md sec. 4) independently of deploykit's module code; plus the ImageNet fc."""
+    keys = set(_conv("conv1", 64, 3, 7) + _bn("bn1", 64))
+    inplanes = 64
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+        for block in range(blocks):
+            p = f"layer{stage}.{block}"
+            keys |= set(_conv(f"{p}.conv1", planes, inplanes, 1) + _bn(f"{p}.bn1", planes))
+            keys |= set(_conv(f"{p}.conv2", planes, planes, 3) + _bn(f"{p}.bn2", planes))
+            if stage > 1:
+                keys |= {(f"{p}.conv2.conv_offset.weight", (offset_outputs, planes, 3, 3)),
+                         (f"{p}.conv2.conv_offset.bias", (offset_outputs,))}
+                if bias:
+                    keys.add((f"{p}.conv2.bias", (planes,)))
+            keys |= set(_conv(f"{p}.conv3", 4 * planes, planes, 1) + _bn(f"{p}.bn3", 4 * planes))
+            if block == 0:
+                keys |= set(_conv(f"{p}.downsample.0", 4 * planes, inplanes, 1) + _bn(f"{p}.downsample.1", 4 * planes))
+            inplanes = 4 * planes
+    return keys | {("fc.weight", (1000, 2048)), ("fc.bias", (1000,))}
+
+
+@pytest.mark.parametrize("arch, offset_outputs", [("dcn_resnet50", 27), ("dcnv1_resnet50", 18)])
+def test_dcn_resnet50_has_mmdets_layout(arch, offset_outputs):
+    model = MODELS[arch].builder()
+    assert {(k, tuple(v.shape)) for k, v in model.state_dict().items()} == mmdet_resnet50_layout(offset_outputs, False)
+    assert not any(m.weight.detach().any() for n, m in model.named_modules() if n.endswith("conv_offset"))
+
+
+def test_openmmlab_detector_checkpoint_with_legacy_keys_exports_its_backbone(tmp_path):
+    """An old mmdet detector checkpoint: ``backbone.*`` with sibling ``conv2_offset`` keys, plus neck and heads."""
+    model = random_model("dcn_resnet50", input_shape=(3, 64, 64))
+    backbone = {k.replace(".conv2.conv_offset.", ".conv2_offset."): v for k, v in model.state_dict().items()
+                if not k.startswith("fc.")}
+    assert any(".conv2_offset." in k for k in backbone)
+    generator = torch.Generator().manual_seed(0)
+    detector = {**{f"backbone.{k}": v for k, v in backbone.items()},
+                "neck.lateral_convs.0.conv.weight": torch.randn(256, 512, 1, 1, generator=generator),
+                "rpn_head.rpn_cls.weight": torch.randn(3, 256, 1, 1, generator=generator)}
+    path = tmp_path / "faster_rcnn_r50_dconv_c3-c5.pth"
+    torch.save({"meta": {"mmdet_version": "2.0"}, "state_dict": detector}, path)
+    result = export_model(ExportConfig(model=path, arch="dcn_resnet50", input_shape=(1, 3, 64, 64),
+                                       output_dir=tmp_path / "out"))
+    assert result.passed
+    assert result.report["verification"]["outputs"][0]["shape"][1:] == [2048, 2, 2]
+    assert "deploykit::DeformConv2d" in result.report["export"]["custom_nodes"]
+
+
+def test_openmmlab_classifier_checkpoint_maps_its_head():
+    from deploykit.checkpoint import _checkpoint_from_object
+    from pathlib import Path
+
+    weights = MODELS["dcnv1_resnet50"].builder().state_dict()
+    mmpretrain = {("head." if k.startswith("fc.") else "backbone.") + k: v for k, v in weights.items()}
+    checkpoint = _checkpoint_from_object(Path("x.pth"), {"state_dict": mmpretrain})
+    assert checkpoint.state_dict.keys() == weights.keys() and "num_classes" not in checkpoint.arch_kwargs

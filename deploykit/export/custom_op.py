@@ -15,8 +15,10 @@ How (torch 2.13, dynamo exporter; see ../shared/notes/ecosystem.md sec. 6 for th
 3. the body (a FunctionProto, built for the model's opset) is appended to ``model.functions``.
 
 An op may also offer a *standard lowering*: a translation into plain ONNX ops used instead of the node where it
-applies (e.g. only for a static batch) and is preferred. The ONNX inputs and attributes of the node are the torch
-op's arguments of the same names, in the order `inputs` lists them.
+applies (e.g. only for a static batch). Whether "auto" prefers it to the node is the op's call, by measurement:
+DynamicConv2d's folded form is faster than its body, DeformConv2d's body (ONNX ``DeformConv``) is faster than any
+decomposition, which is then only the fallback for opsets the body does not exist in. The ONNX inputs and
+attributes of the node are the torch op's arguments of the same names, in the order `inputs` lists them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class CustomOp:
             returns None where it does not apply (e.g. a dynamic batch), and the node is emitted instead.
         reference: optional ``onnx.reference`` OpRun computing the node, for evaluators that cannot run the body.
         plugin_version: the ``plugin_version`` the TensorRT plugin creator registers.
+        min_opset: the first default-domain opset the body exists in; below it only the standard lowering works.
+        prefer_standard: whether "auto" lowering uses the standard lowering where it applies (True) or only where
+            the node cannot be emitted (False).
     """
 
     torch_op: Any
@@ -70,6 +75,8 @@ class CustomOp:
     standard_lowering: Callable[..., Any] | None = None
     reference: type | None = None
     plugin_version: str = "1"
+    min_opset: int = 1
+    prefer_standard: bool = True
 
     @classmethod
     def from_script(cls, torch_op: Any, script: onnxscript.OnnxFunction, **options: Any) -> "CustomOp":
@@ -92,12 +99,14 @@ class CustomOp:
                         outputs=[OpSchema.FormalParameter(name, "T") for name in self.outputs],
                         type_constraints=[("T", _FLOAT_TYPES, "floating-point tensors")], attributes=attributes)
 
-    def translation(self, lowering: str = "auto") -> Callable:
+    def translation(self, lowering: str = "auto", opset: int | None = None) -> Callable:
         """The ``custom_translation_table`` entry for the torch op.
 
         Args:
-            lowering: "auto" uses the standard lowering where it applies, else the node; "custom" always emits
-                the node; "standard" requires the standard lowering.
+            lowering: "auto" picks the standard lowering or the node as the op prefers (see `prefer_standard`),
+                falling back to the standard lowering below `min_opset`; "custom" always emits the node;
+                "standard" requires the standard lowering.
+            opset: the model's default-domain opset. Defaults to one the body exists in.
 
         The exporter reads a translation's Python signature to tell ONNX inputs (unannotated) from attributes
         (annotated with a Python type), so the function gets the torch op's argument names and types.
@@ -109,14 +118,19 @@ class CustomOp:
                                                 default=default))
             if (python_type := _TORCH_ATTRIBUTE_TYPES.get(str(argument.type))) is not None:
                 annotations[argument.name] = python_type
+        node_allowed = opset is None or opset >= self.min_opset
 
         def translate(*args, **kwargs):
             bound = _bind(self.torch_op, args, kwargs)
-            if lowering != "custom" and self.standard_lowering is not None:
+            if lowering == "custom" and not node_allowed:
+                raise ValueError(f"{DOMAIN}::{self.op_type} needs opset >= {self.min_opset} (its body's); export "
+                                 f"at that opset or choose the standard lowering")
+            wants_standard = lowering == "standard" or not node_allowed or (lowering == "auto" and self.prefer_standard)
+            if lowering != "custom" and wants_standard and self.standard_lowering is not None:
                 lowered = self.standard_lowering(**bound)
                 if lowered is not None:
                     return lowered
-            if lowering == "standard":
+            if lowering == "standard" or not node_allowed:
                 raise ValueError(f"{DOMAIN}::{self.op_type} has no standard lowering for this call "
                                  f"(e.g. it needs a static batch)")
             return self._emit(bound)
@@ -136,6 +150,19 @@ class CustomOp:
 
     def function_proto(self, opset: int) -> onnx.FunctionProto:
         return self.body(opset)
+
+
+def forwarding_node(op_type: str, inputs: Sequence[str], outputs: Sequence[str],
+                    attributes: Mapping[str, type]) -> onnx.NodeProto:
+    """A body node whose attributes refer to the enclosing function's attributes of the same names (e.g. a Conv
+    that takes the op's strides, pads, dilations and group)."""
+    node = onnx.helper.make_node(op_type, list(inputs), list(outputs))
+    for name, kind in attributes.items():
+        attribute = onnx.helper.make_attribute_ref(name, onnx.AttributeProto.AttributeType.Value(
+            _ATTRIBUTE_TYPES[kind].name))
+        attribute.ref_attr_name = name
+        node.attribute.append(attribute)
+    return node
 
 
 def with_opset(function: onnx.FunctionProto, opset: int) -> onnx.FunctionProto:
@@ -200,4 +227,4 @@ def _bind(torch_op, args: tuple, kwargs: dict) -> dict:
 
 
 __all__ = ["CustomOp", "DEPLOYKIT_OPSET", "DOMAIN", "LOWERINGS", "PLUGIN_NAMESPACE", "attach_functions",
-           "registered_schemas", "with_opset"]
+           "forwarding_node", "registered_schemas", "with_opset"]

@@ -2,7 +2,8 @@
 
 Opset 20 by default: ``DeformConv`` needs >= 19, and 20 is the opset torch 2.13's exporter emits natively, so no
 version-conversion pass (a known source of export failures) runs; TensorRT 10's parser and onnxruntime >= 1.25
-both accept it. Other opsets (19-23) can be requested.
+both accept it. Other opsets (18-23) can be requested: at 18, for runtimes without ``DeformConv``, deformable convs
+take their standard-op lowering. torch 2.13 cannot export below 18 (it leaves the model at 18 and the check fails).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from deploykit.errors import DeployError
 from deploykit.export.custom_op import LOWERINGS, CustomOp, attach_functions, registered_schemas
 
 DEFAULT_OPSET = 20
-SUPPORTED_OPSETS = range(19, 24)
+SUPPORTED_OPSETS = range(18, 24)
 BATCH_DIM_NAME = "batch"
 # torch.export specialises a dynamic dimension whose example size is 0 or 1, so a dynamic batch is traced at 2.
 _TRACE_BATCH = 2
 
 
-def onnx_from_model(model: nn.Module, example: torch.Tensor, *, opset: int | None = None,
+def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], *, opset: int | None = None,
                     dynamic_batch: bool | None = None, input_names: Sequence[str] = ("input",),
                     output_names: Sequence[str] = ("output",), custom_ops: Sequence[CustomOp] | None = None,
                     lowering: str | None = None, verbose: bool = False) -> onnx.ModelProto:
@@ -36,8 +37,9 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor, *, opset: int | Non
 
     Args:
         model: the module, in eval mode.
-        example: an input of the shape to export; with a dynamic batch only its other dimensions are fixed.
-        opset: default-domain opset, 19-23. Defaults to 20.
+        example: an input of the shape to export (a tuple for a model with several inputs, all batched); with a
+            dynamic batch only their other dimensions are fixed.
+        opset: default-domain opset, 18-23. Defaults to 20.
         dynamic_batch: leave dimension 0 symbolic (named "batch"). Defaults to True.
         input_names, output_names: ONNX graph input/output names. Default to ("input",) and ("output",).
         custom_ops: the ``deploykit::`` ops the model may call. Defaults to every registered variant's ops.
@@ -56,20 +58,23 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor, *, opset: int | Non
     dynamic_batch = True if dynamic_batch is None else dynamic_batch
     if opset not in SUPPORTED_OPSETS:
         raise DeployError(f"Opset {opset} is not supported; choose one of {SUPPORTED_OPSETS.start}-"
-                          f"{SUPPORTED_OPSETS.stop - 1} (19 is the first with DeformConv).")
+                          f"{SUPPORTED_OPSETS.stop - 1} (19 is the first with DeformConv; at 18 deformable convs "
+                          f"export as standard ops).")
     if custom_ops is None:
         from deploykit.variants import custom_ops as registered_custom_ops
         custom_ops = registered_custom_ops()
+    examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     dynamic_shapes = None
     if dynamic_batch:
-        example = _with_batch(example, max(_TRACE_BATCH, example.shape[0]))
-        dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM_NAME, min=1)},)
+        batch = torch.export.Dim(BATCH_DIM_NAME, min=1)
+        examples = tuple(_with_batch(e, max(_TRACE_BATCH, e.shape[0])) for e in examples)
+        dynamic_shapes = tuple({0: batch} for _ in examples)
     with registered_schemas(custom_ops), _quiet(not verbose):
         try:
             program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset, input_names=list(input_names),
+                model, examples, dynamo=True, opset_version=opset, input_names=list(input_names),
                 output_names=list(output_names), dynamic_shapes=dynamic_shapes, external_data=False,
-                custom_translation_table={op.torch_op: op.translation(lowering) for op in custom_ops}, verbose=verbose,
+                custom_translation_table={op.torch_op: op.translation(lowering, opset) for op in custom_ops}, verbose=verbose,
                 report=False, optimize=True)
         except Exception as err:  # the exporter raises many types; all mean "this model did not export"
             raise DeployError(f"torch.onnx could not export the model: {_summary(err)} (run with -v for the "

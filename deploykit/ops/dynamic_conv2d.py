@@ -48,8 +48,9 @@ from onnx import helper
 from onnx.reference.op_run import OpRun
 from onnxscript import opset20 as op
 
-from deploykit.export.custom_op import DOMAIN, CustomOp
+from deploykit.export.custom_op import DOMAIN, CustomOp, forwarding_node
 from deploykit.ops import reference as ref
+from deploykit.ops.autograd import differentiate_by_recomputing
 
 OP_TYPE = "DynamicConv2d"
 INPUTS = ("X", "W", "A", "B", "S")
@@ -90,21 +91,7 @@ def _(X, W, A, B, S, strides, pads, dilations, group):
     return X.new_empty(X.shape[0], W.shape[1], *output_size(X.shape[2:], W.shape[3:], strides, pads, dilations))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.attributes = inputs[5:]
-
-
-def _backward(ctx, grad):
-    """Recompute the eager graph and differentiate it: exact gradients for every tensor input."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
-        out = _forward(*leaves, *ctx.attributes)
-        grads = torch.autograd.grad(out, leaves, grad)
-    return (*grads, None, None, None, None)
-
-
-_dynamic_conv2d.register_autograd(_backward, setup_context=_setup_context)
+differentiate_by_recomputing(_dynamic_conv2d, _forward, tensor_count=5)
 
 
 def dynamic_conv2d(x: torch.Tensor, weight: torch.Tensor, attention: torch.Tensor, bias: torch.Tensor,
@@ -160,18 +147,9 @@ DynamicConv2dReference.__name__ = OP_TYPE  # OpRun classes are looked up by the 
 
 # --- ONNX ------------------------------------------------------------------------------------------------------
 
-def _attribute_ref(name: str, kind: int) -> onnx.AttributeProto:
-    attribute = helper.make_attribute_ref(name, kind)
-    attribute.ref_attr_name = name
-    return attribute
-
-
 def _conv(x: str, w: str, b: str, y: str) -> onnx.NodeProto:
     """A Conv whose attributes are the function's (strides, pads, dilations, group)."""
-    conv = helper.make_node("Conv", [x, w, b], [y])
-    conv.attribute.extend(_attribute_ref(name, onnx.AttributeProto.INTS) for name in ("strides", "pads", "dilations"))
-    conv.attribute.append(_attribute_ref("group", onnx.AttributeProto.INT))
-    return conv
+    return forwarding_node("Conv", [x, w, b], [y], ATTRIBUTES)
 
 
 def _untyped(name: str) -> onnx.ValueInfoProto:

@@ -52,6 +52,27 @@ def resize_nearest(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return x[:, :, rows][:, :, :, cols]
 
 
+def bilinear_sample(images: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Sample `images` [N, G, C, H, W] at real positions y, x [N, G, ...] -> [N, G, C, ...].
+
+    Each of the four neighbouring pixels contributes (1 - |y - py|) * (1 - |x - px|) if it lies inside the image
+    and nothing otherwise (zero padding), so a position one pixel or more outside samples 0.
+    """
+    batch, groups, channels, height, width = images.shape
+    y0, x0 = np.floor(y), np.floor(x)
+    n = np.arange(batch).reshape(batch, *([1] * (y.ndim - 1)))
+    g = np.arange(groups).reshape(1, groups, *([1] * (y.ndim - 2)))
+    total = np.zeros((batch, groups, *y.shape[2:], channels))
+    for py in (y0, y0 + 1):
+        for px in (x0, x0 + 1):
+            inside = (py >= 0) & (py <= height - 1) & (px >= 0) & (px <= width - 1)
+            weight = (1 - np.abs(y - py)) * (1 - np.abs(x - px)) * inside
+            rows = np.clip(py, 0, height - 1).astype(int)
+            cols = np.clip(px, 0, width - 1).astype(int)
+            total += images[n, g, :, rows, cols] * weight[..., None]
+    return np.moveaxis(total, -1, 2)
+
+
 def batch_norm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight: np.ndarray, bias: np.ndarray,
                eps: float) -> np.ndarray:
     """Inference-mode batch normalisation with running statistics."""

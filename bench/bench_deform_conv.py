@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Deformable conv v2 (3x3, stride 1, pad 1, one offset group, with mask) against a static conv of the same shape.
+
+    python bench/bench_deform_conv.py                        # 256ch 28x28 and 512ch 14x14, batch 1 and 8
+    python bench/bench_deform_conv.py --cases 256x28 --batches 1
+
+Rows (the layer takes x, offset and mask as inputs, so only the op is timed, not the offset conv):
+  onnxruntime  static conv                 nn.Conv2d exported by deploykit: the floor
+               deploykit::DeformConv2d     the node (body: ONNX DeformConv, onnxruntime's native kernel)
+               ONNX DeformConv (bare)      a hand-built single DeformConv node: what the node should cost
+               standard-op fallback        --lowering standard (Gather + ReduceSum + MatMul), for opset 18
+  PyTorch      static conv                 F.conv2d, eager
+               deform_conv2d               deploykit's implementation (embedding_bag + MatMul), eager
+Ratios are to the static conv of the same runtime and batch. Shared VMs are noisy: every row is timed in `--rounds`
+interleaved rounds and the best median is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+import torch.nn.functional as F
+
+from deploykit.export.onnx import onnx_from_model
+from deploykit.export.passes import run_passes
+from deploykit.ops.deform_conv2d import deform_conv2d
+from deploykit.runtime.ort import session_from_onnx
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from bench_latency import median_ms  # noqa: E402
+
+
+class DeformLayer(torch.nn.Module):
+    """The op alone: offset and mask are inputs."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return deform_conv2d(x, offset, self.weight, None, 1, 1, 1, mask)
+
+
+def bare_deform_conv_model(weight: torch.Tensor) -> onnx.ModelProto:
+    channels = weight.shape[1]
+    graph = helper.make_graph(
+        [helper.make_node("DeformConv", ["input", "weight", "offset", "", "mask"], ["output"], pads=[1, 1, 1, 1])],
+        "deform_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, None, None]),
+         helper.make_tensor_value_info("offset", TensorProto.FLOAT, ["batch", 18, None, None]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 9, None, None])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        initializer=[onnx.numpy_helper.from_array(weight.detach().numpy(), "weight")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=["256x28", "512x14"], help="CHANNELSxSIZE")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"3x3 stride 1 pad 1, 1 offset group, with mask; {args.threads} threads, best of {args.rounds} medians "
+          f"of {args.runs}")
+    print(f"{'case':14} {'runtime':12} {'lowering':26} {'ms':>8} {'vs static':>10}")
+    for case in args.cases:
+        channels, size = (int(v) for v in case.split("x"))
+        generator = torch.Generator().manual_seed(channels)
+        static = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).eval()
+        layer = DeformLayer(static.weight.detach().clone()).eval()
+
+        def example(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return (torch.randn(batch, channels, size, size, generator=generator),
+                    2 * torch.randn(batch, 18, size, size, generator=generator),
+                    torch.rand(batch, 9, size, size, generator=generator))
+
+        def session(model: onnx.ModelProto):
+            return session_from_onnx(run_passes(model)[0], ["cpu"], threads=args.threads)
+
+        names = ("input", "offset", "mask")
+        sessions = {
+            "static conv": (session(onnx_from_model(static, example(2)[0])), 1),
+            "deploykit::DeformConv2d": (session(onnx_from_model(layer, example(2), input_names=names)), 3),
+            "ONNX DeformConv (bare)": (session(bare_deform_conv_model(static.weight)), 3),
+            "standard-op fallback": (session(onnx_from_model(layer, example(2), input_names=names,
+                                                              lowering="standard")), 3),
+        }
+        for batch in args.batches:
+            inputs = example(batch)
+            ort_rows = {name: (lambda s=s, f=dict(zip(names[:n], (t.numpy() for t in inputs))): s.run(None, f))
+                        for name, (s, n) in sessions.items()}
+            torch_rows = {"static conv": lambda: F.conv2d(inputs[0], static.weight, None, 1, 1),
+                          "deform_conv2d": lambda: layer(*inputs)}
+            timed = {("onnxruntime", name): fn for name, fn in ort_rows.items()}
+            timed.update({("PyTorch", name): fn for name, fn in torch_rows.items()})
+            times = {key: float("inf") for key in timed}
+            with torch.no_grad():
+                for _ in range(args.rounds):
+                    for key, fn in timed.items():
+                        times[key] = min(times[key], median_ms(fn, args.runs, 5)[0])
+            for (runtime, name), ms in times.items():
+                floor = times[(runtime, "static conv")]
+                print(f"{case + ' b' + str(batch):14} {runtime:12} {name:26} {ms:8.2f} {ms / floor:9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
