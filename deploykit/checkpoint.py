@@ -9,6 +9,8 @@ Three kinds of file are accepted:
 * an OpenMMLab checkpoint (mmdet, mmpretrain): its ``backbone.*`` keys are the model; a classifier's ``head.fc.*``
   becomes ``fc.*``, and a detector's neck and heads are left out, so the backbone is built without its classifier
   (``num_classes=0``: the export outputs the last stage's feature map);
+* a PyTorch Lightning checkpoint whose module holds the network as ``self.model`` next to training-only parts
+  (margin heads, losses): the ``model.*`` keys are the model;
 * a pickled whole ``nn.Module``, only with ``trust_pickle=True``: unpickling runs code from the file.
 
 Everything else is loaded with ``torch.load(weights_only=True)``, which cannot execute code.
@@ -37,6 +39,7 @@ TRUST_PICKLE_FLAG = "--trust-pickle"
 _WRAPPER_KEYS = ("state_dict", "model")
 _PREFIXES = ("module.",)
 _BACKBONE, _CLASSIFIER = "backbone.", "head.fc."
+_LIGHTNING_MODEL = "model."
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
@@ -106,7 +109,7 @@ def _checkpoint_from_object(path: Path, obj: Any) -> Checkpoint:
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = ", ".join(list(map(str, obj))[:5]) or "none"
         raise DeployError(f"{path} does not contain a state_dict of tensors (its top-level keys: {keys}).")
-    return _with_openmmlab_layout(Checkpoint(path, state_dict=strip_prefixes(dict(obj))))
+    return _without_training_parts(_with_openmmlab_layout(Checkpoint(path, state_dict=strip_prefixes(dict(obj)))))
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,7 +132,19 @@ def _with_openmmlab_layout(checkpoint: Checkpoint) -> Checkpoint:
     else:
         checkpoint.state_dict = backbone
         checkpoint.arch_kwargs["num_classes"] = 0
-        checkpoint.metadata["ignored_keys"] = len(rest)
+        checkpoint.metadata["note"] = (f"backbone of an OpenMMLab checkpoint ({len(rest)} neck/head keys left out): "
+                                       f"exported without a classifier, the output is the last stage's feature map")
+    return checkpoint
+
+
+def _without_training_parts(checkpoint: Checkpoint) -> Checkpoint:
+    """Keep a Lightning module's ``model.*`` keys when the rest are training-only parts (e.g. a margin head)."""
+    state_dict = checkpoint.state_dict
+    model = {k[len(_LIGHTNING_MODEL):]: v for k, v in state_dict.items() if k.startswith(_LIGHTNING_MODEL)}
+    rest = sorted({k.split(".", 1)[0] for k in state_dict if not k.startswith(_LIGHTNING_MODEL)})
+    if model and rest and len(model) > len(state_dict) - len(model):
+        checkpoint.state_dict = model
+        checkpoint.metadata["note"] = f"the network of a training module (`model.*`; left out: {', '.join(rest)})"
     return checkpoint
 
 

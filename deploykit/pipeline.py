@@ -62,9 +62,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
         with stage(f"Loading checkpoint {config.model}", timings, "load_checkpoint"):
             checkpoint = load_checkpoint(config.model, trust_pickle=config.trust_pickle)
     arch = _resolve_arch(checkpoint, config.arch)
-    if checkpoint.arch_kwargs.get("num_classes") == 0 and "ignored_keys" in checkpoint.metadata:
-        LOGGER.info("  backbone of an OpenMMLab checkpoint (%d neck/head keys left out): exporting it without a "
-                    "classifier, the output is the last stage's feature map", checkpoint.metadata["ignored_keys"])
+    if "note" in checkpoint.metadata:
+        LOGGER.info("  loaded the %s", checkpoint.metadata["note"])
     output_dir = ensure_writable_dir(config.output_dir or Path("deploykit-out") / (arch or "model"))
 
     with stage(f"Building {arch or type(checkpoint.module).__name__}", timings, "build_model"):
@@ -92,8 +91,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
                                      verbose=config.verbose)
     with stage("Graph passes (constant folding, shape inference, checks)", timings, "passes"):
         onnx_model, pass_report = run_passes(onnx_model)
-    LOGGER.debug("  %d -> %d nodes, %d initializers", pass_report.before.nodes, pass_report.after.nodes,
-                 pass_report.after.initializers)
+    LOGGER.info("  folding: %d -> %d nodes, %d -> %d parameters in initializers", pass_report.before.nodes,
+                pass_report.after.nodes, pass_report.before.parameters, pass_report.after.parameters)
 
     with stage("Running onnxruntime", timings, "onnxruntime"):
         session = session_from_onnx(onnx_model, providers, config.threads)
@@ -149,6 +148,11 @@ def _resolve_arch(checkpoint: Checkpoint, requested: str | None) -> str | None:
 
 def _resolve_input_shape(requested: tuple[int, ...] | None, arch: str | None) -> tuple[int, ...]:
     if requested is not None:
+        spec = model_spec(arch) if arch is not None else None
+        if spec is not None and spec.fixed_size and tuple(requested[1:]) != spec.input_shape:
+            size = "x".join(map(str, spec.input_shape))
+            raise DeployError(f"{arch} takes only {size} inputs (its per-pixel weights are learned at that "
+                              f"resolution), not {'x'.join(map(str, requested[1:]))}; only the batch may change.")
         return requested
     if arch is None:
         raise DeployError("The model is not a zoo architecture, so its input shape is unknown; pass --input-shape.")

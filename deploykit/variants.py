@@ -4,7 +4,7 @@ It lives outside `deploykit.ops` so that importing one op (as the PyTorch module
 variant's contract.
 """
 
-from deploykit.ops import condconv, deform_conv, dyconv, odconv, scconv
+from deploykit.ops import acmix, condconv, deform_conv, dyconv, odconv, scconv, tvconv
 from deploykit.ops.spec import VariantSpec
 
 VARIANTS: tuple[VariantSpec, ...] = (
@@ -13,6 +13,8 @@ VARIANTS: tuple[VariantSpec, ...] = (
     dyconv.SPEC,
     odconv.SPEC,
     deform_conv.SPEC,
+    tvconv.SPEC,
+    acmix.SPEC,
 )
 
 

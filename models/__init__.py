@@ -17,7 +17,7 @@ from torch import nn
 from deploykit.errors import DeployError
 from deploykit.inputs import structured_noise
 
-from . import dcn, dyconv, efficientnet_cc, odconv, scnet
+from . import acmix, dcn, dyconv, efficientnet_cc, odconv, scnet, tvconv
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     input_shape: tuple[int, ...]  # one sample, without the batch dimension
     summary: str
+    fixed_size: bool = False  # the model takes only `input_shape` (e.g. TVConv's per-pixel weights)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -50,6 +51,14 @@ MODELS: dict[str, ModelSpec] = {
                               "ResNet-50, modulated deformable convs (DCNv2) in stages 3-5, mmdet keys"),
     "dcnv1_resnet50": ModelSpec(dcn.dcnv1_resnet50, (3, 224, 224),
                                 "ResNet-50, deformable convs v1 in stages 3-5, mmdet keys"),
+    **{f"acmix_resnet{depth}": ModelSpec(getattr(acmix, f"acmix_resnet{depth}"), (3, 224, 224),
+                                         f"ResNet-{depth} with ACmix bottleneck convs (LeapLabTHU/ACmix): k_att 7, "
+                                         f"4 heads") for depth in (26, 38, 50)},
+    "tvconv_mobilenet_v2": ModelSpec(tvconv.tvconv_mobilenet_v2, (3, 96, 96),
+                                     "MobileNetV2 1.0 with TVConv, face embedding (JierunChen/TVConv)", True),
+    **{f"tvconv_mobilenet_v2_x0_{w}": ModelSpec(partial(tvconv.tvconv_mobilenet_v2, w / 10), (3, 96, 96),
+                                                f"MobileNetV2 {w / 10} with TVConv, face embedding", True)
+       for w in (1, 2, 3, 5)},
 }
 
 

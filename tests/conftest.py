@@ -69,18 +69,22 @@ def assert_trains(module: nn.Module, x: torch.Tensor, steps: int = 30) -> None:
     module.eval()
 
 
-def assert_export_matches(module: nn.Module, make_input, batches=(1, 2, 5), tolerance: float = 1e-4) -> None:
-    """Export with a dynamic batch once; onnxruntime matches the module at every batch size."""
+def assert_export_matches(module: nn.Module, make_input, batches=(1, 2, 5), tolerance: float = 1e-4,
+                          custom_node: bool = True):
+    """Export with a dynamic batch once; onnxruntime matches the module at every batch size. `custom_node`: the
+    graph must (True) or must not (False) contain a ``deploykit::`` node. Returns the exported model."""
     from deploykit.export.onnx import onnx_from_model
     from deploykit.export.passes import run_passes
     from deploykit.runtime.ort import session_from_onnx
     from deploykit.verify import rel_to_range
 
     model, _ = run_passes(onnx_from_model(module.eval(), make_input(2)))
-    assert [n.op_type for n in model.graph.node if n.domain == "deploykit"], "expected a deploykit:: node"
+    assert bool([n for n in model.graph.node if n.domain == "deploykit"]) == custom_node, "deploykit:: nodes"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     session = session_from_onnx(model, ["cpu"])
     for batch in batches:
         x = make_input(batch)
         with torch.no_grad():
             expected = module(x).numpy()
         assert rel_to_range(session.run(None, {"input": x.numpy()})[0], expected) <= tolerance
+    return model

@@ -3,6 +3,8 @@
 1. `fold_constants`: evaluate every input-independent subgraph once and store its result as an initializer
    (onnx-graphsurgeon; generic, not per-op: e.g. TVConv's generated weights become initializers). Nodes that
    depend on a graph input are never touched.
+   `check_folded` then asserts that no input-independent node is left: a deployed graph must not recompute
+   weights on every run.
 2. `infer_shapes`: strict ONNX shape inference; ``deploykit::`` nodes are inferred through their function bodies.
 3. `check_custom_nodes`: every node outside the standard domains must carry a function body.
 4. `check`: ``onnx.checker.check_model(full_check=True)`` and an IR version onnxruntime accepts.
@@ -43,6 +45,7 @@ class PassReport:
     before: GraphStats
     after: GraphStats
     folded_nodes: int
+    removed_parameters: int  # initializer elements before minus after (negative if folding made tensors larger)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,11 +55,13 @@ def run_passes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
     """Run every pass on `model` and return the result with a summary of what changed."""
     before = GraphStats.of(model)
     model = fold_constants(model)
+    check_folded(model)
     model = infer_shapes(model)
     check_custom_nodes(model)
     check(model)
     after = GraphStats.of(model)
-    return model, PassReport(before, after, folded_nodes=before.nodes - after.nodes)
+    return model, PassReport(before, after, folded_nodes=before.nodes - after.nodes,
+                             removed_parameters=before.parameters - after.parameters)
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -71,6 +76,27 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         GS_LOGGER.severity = saved
     _keep_model_fields(model, folded)
     return folded
+
+
+def input_independent_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Top-level nodes none of whose inputs derives from a graph input (the graph must be topologically sorted)."""
+    dependent = {i.name for i in model.graph.input}
+    independent = []
+    for node in model.graph.node:
+        if any(name in dependent for name in node.input if name):
+            dependent.update(node.output)
+        else:
+            independent.append(node)
+    return independent
+
+
+def check_folded(model: onnx.ModelProto) -> None:
+    """Folding must leave no input-independent node (e.g. a weight-generating network recomputed on every run)."""
+    left = input_independent_nodes(model)
+    if left:
+        names = ", ".join(f"{n.op_type} {n.name!r}" for n in left[:3])
+        raise DeployError(f"Constant folding left {len(left)} input-independent node(s) ({names}): they could not "
+                          f"be evaluated at export time; run with -v to see the exporter's diagnostics.")
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -34,6 +34,29 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, st
     return y
 
 
+def conv_transpose2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+                     stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                     output_padding: int | tuple[int, int] = 0, groups: int = 1,
+                     dilation: int | tuple[int, int] = 1) -> np.ndarray:
+    """Transposed conv as a scatter: every input pixel adds w[c, o, p, q] * x[c, i, j] at (i*s + p*d, j*s + q*d)
+    of the full output, which is then cropped by `padding` (output_padding extends the bottom/right)."""
+    (sh, sw), (ph, pw), (oh, ow), (dh, dw) = _pair(stride), _pair(padding), _pair(output_padding), _pair(dilation)
+    batch, channels, height, width = x.shape
+    _, group_out, kh, kw = weight.shape
+    full_h = (height - 1) * sh + dh * (kh - 1) + 1 + oh
+    full_w = (width - 1) * sw + dw * (kw - 1) + 1 + ow
+    x = x.astype(np.float64).reshape(batch, groups, channels // groups, height, width)
+    w = weight.astype(np.float64).reshape(groups, channels // groups, group_out, kh, kw)
+    full = np.zeros((batch, groups, group_out, full_h, full_w))
+    for p in range(kh):
+        for q in range(kw):
+            full[..., p * dh: p * dh + sh * (height - 1) + 1: sh, q * dw: q * dw + sw * (width - 1) + 1: sw] += \
+                np.einsum("bgchw,gco->bgohw", x, w[..., p, q])
+    y = full[..., ph: full_h - ph, pw: full_w - pw].reshape(batch, groups * group_out, full_h - 2 * ph,
+                                                            full_w - 2 * pw)
+    return y if bias is None else y + bias.astype(np.float64)[None, :, None, None]
+
+
 def avg_pool2d(x: np.ndarray, kernel: int, stride: int | None = None) -> np.ndarray:
     """Average over non-padded `kernel` x `kernel` windows (floor mode: partial windows are dropped)."""
     stride = stride or kernel
