@@ -18,6 +18,7 @@ Old mmdet checkpoints stored the offset conv as a sibling module, ``conv2_offset
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -27,7 +28,7 @@ from torch.nn.modules.utils import _pair
 from deploykit.ops.deform_conv2d import deform_conv2d
 
 
-class _DeformConvPack(nn.Module):
+class _DeformConvPack(nn.Module, abc.ABC):
     """What v1 and v2 share: the kernel, the offset conv and the legacy key migration."""
 
     outputs_per_tap = 2  # offset channels (dy, dx) per tap and offset group; v2 adds the mask
@@ -53,11 +54,15 @@ class _DeformConvPack(nn.Module):
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
+    @abc.abstractmethod
     def reset_parameters(self) -> None:
-        raise NotImplementedError
+        """Initialise `weight` (and `bias`) as mmcv does for this version."""
 
     def offset_and_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        """The offset conv's output split as mmcv does: offsets first; for v2 the mask logits last (sigmoid)."""
+        out = self.conv_offset(x)
+        split = 2 * self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
+        return out[:, :split], (torch.sigmoid(out[:, split:]) if self.outputs_per_tap == 3 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset, mask = self.offset_and_mask(x)
@@ -93,9 +98,6 @@ class DeformConv2d(_DeformConvPack):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
-    def offset_and_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.conv_offset(x), None
-
 
 class ModulatedDeformConv2d(_DeformConvPack):
     """DCNv2 with its offset/mask conv (mmcv ``ModulatedDeformConv2dPack``): mask = sigmoid of the last third."""
@@ -112,11 +114,6 @@ class ModulatedDeformConv2d(_DeformConvPack):
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-
-    def offset_and_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.conv_offset(x)
-        split = 2 * self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
-        return out[:, :split], torch.sigmoid(out[:, split:])
 
 
 # mmcv's names for the same layers.

@@ -238,7 +238,8 @@ def function_body(opset: int) -> onnx.FunctionProto:
                                 attributes=list(ATTRIBUTES))
 
 
-def _ints(values) -> onnx.TensorProto:
+def _ints(values):
+    """A constant int64 tensor in the traced graph."""
     return op.Constant(value_ints=list(values))
 
 
