@@ -4,6 +4,7 @@
     inputs.json          the verification inputs, Polygraphy's JSON format (list of feed dicts)
     torch_outputs.json   PyTorch's outputs on them, a Polygraphy RunResults (runner "pytorch")
     report.json          versions, configuration, graph statistics, per-output errors, pass/fail, timings
+    model.plan           the TensorRT engine, when one was asked for (``--engine``)
 
 Every file is first written under a temporary name and renamed into place only after all of them were
 written, so an error or an interrupt never leaves a half-written or inconsistent set.
@@ -30,6 +31,7 @@ MODEL_FILE = "model.onnx"
 INPUTS_FILE = "inputs.json"
 TORCH_OUTPUTS_FILE = "torch_outputs.json"
 REPORT_FILE = "report.json"
+ENGINE_FILE = "model.plan"
 
 _VERSIONED_PACKAGES = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnx-graphsurgeon", "polygraphy",
                        "numpy")
@@ -49,14 +51,16 @@ def versions() -> dict[str, str]:
 
 
 def write_artifacts(output_dir: Path, model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
-                    torch_outputs: RunResults, report: dict) -> dict[str, Path]:
-    """Write the four artifacts into `output_dir` atomically as a set; return their final paths."""
+                    torch_outputs: RunResults, report: dict, engine: bytes | None = None) -> dict[str, Path]:
+    """Write the artifacts into `output_dir` atomically as a set; return their final paths."""
     writers: dict[str, Callable[[Path], None]] = {
         MODEL_FILE: lambda path: onnx.save_model(model, path),
         INPUTS_FILE: lambda path: save_json(list(feeds), str(path)),
         TORCH_OUTPUTS_FILE: lambda path: torch_outputs.save(str(path)),
         REPORT_FILE: lambda path: path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n"),
     }
+    if engine is not None:
+        writers[ENGINE_FILE] = lambda path: path.write_bytes(engine)
     staged: dict[Path, Path] = {}
     try:
         with polygraphy_quiet():

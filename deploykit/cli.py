@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="onnxruntime execution providers, comma-separated, e.g. cpu or cuda,cpu "
                             "(default: the best available of tensorrt, cuda, cpu)")
     check.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core)")
+    engine = parser.add_argument_group("TensorRT (needs TensorRT >= 10.7 and an NVIDIA GPU)")
+    engine.add_argument("--engine", action="store_true",
+                        help="also build a TensorRT engine (model.plan) and verify it against PyTorch")
+    engine.add_argument("--fp16", action="store_true", help="let the engine use FP16 kernels (checked at rtol 1e-2)")
+    engine.add_argument("--plugins", metavar="LIB.so",
+                        help="deploykit's plugin library (default: $DEPLOYKIT_PLUGINS, else "
+                             "plugins/build/libdeploykit_plugins.so)")
+    engine.add_argument("--max-batch", type=int, metavar="N",
+                        help="largest batch of the engine's profile (default: the largest verification batch)")
     parser.add_argument("-o", "--output-dir", metavar="DIR",
                         help="artifact directory (default: deploykit-out/<arch>)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug detail and tracebacks")
@@ -85,7 +94,8 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         dynamic_batch=not args.static_batch, opset=args.opset, lowering=args.lowering, inputs=args.inputs,
         seed=args.seed, rtol=args.rtol, atol=args.atol,
         providers=args.providers.split(",") if args.providers else None, threads=args.threads,
-        trust_pickle=args.trust_pickle, verbose=args.verbose)
+        trust_pickle=args.trust_pickle, engine=args.engine, fp16=args.fp16, plugins=args.plugins,
+        max_batch=args.max_batch, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: no artifacts were written", file=sys.stderr)
         return 130
     log.LOGGER.info("reproduce: cd %s && %s", result.output_dir, result.report["reproduce"])
+    if "tensorrt" in result.report:
+        log.LOGGER.info("reproduce TensorRT: cd %s && %s", result.output_dir, result.report["tensorrt"]["reproduce"])
     return EXIT_OK if result.passed else EXIT_MISMATCH
 
 

@@ -33,6 +33,13 @@ class ExportConfig:
         providers: onnxruntime execution providers, e.g. ["cpu"]. Defaults to the best available.
         threads: onnxruntime intra-op threads. Defaults to onnxruntime's choice.
         trust_pickle: allow checkpoints that unpickle Python objects (runs code from the file). Defaults to False.
+        engine: also build a TensorRT engine (``model.plan``) and verify it against PyTorch like onnxruntime.
+            Needs TensorRT >= 10.7 and a GPU. Defaults to False.
+        fp16: build the engine with FP16 kernels allowed (checked at `FP16_RTOL`). Defaults to False (FP32).
+        plugins: deploykit's TensorRT plugin library. Defaults to $DEPLOYKIT_PLUGINS, else
+            ``plugins/build/libdeploykit_plugins.so`` of a source checkout.
+        max_batch: largest batch the engine's optimisation profile accepts (dynamic batch only). Defaults to the
+            largest verification batch.
         verbose: debug logging and the exporter's own diagnostics.
     """
 
@@ -50,6 +57,10 @@ class ExportConfig:
     providers: list[str] | None = None
     threads: int | None = None
     trust_pickle: bool = False
+    engine: bool = False
+    fp16: bool = False
+    plugins: str | os.PathLike | None = None
+    max_batch: int | None = None
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -63,6 +74,10 @@ class ExportConfig:
                 raise DeployError(f"{name} must be a non-negative number, got {value}.")
         if self.inputs is not None:
             self.inputs = Path(self.inputs)
+        if (self.fp16 or self.plugins is not None or self.max_batch is not None) and not self.engine:
+            raise DeployError("fp16, plugins and max_batch configure the TensorRT engine; ask for one with --engine.")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise DeployError(f"max_batch must be at least 1, got {self.max_batch}.")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -24,8 +24,9 @@ from deploykit.fileio import ensure_writable_dir
 from deploykit.inputs import structured_noise
 from deploykit.log import LOGGER, stage
 from deploykit.models import MODELS, build_model, model_spec
+from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
-from deploykit.verify import compare, onnxrt_results, polygraphy_command, torch_results
+from deploykit.verify import FP16_RTOL, Verification, compare, onnxrt_results, polygraphy_command, torch_results
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -55,6 +56,10 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    plugin_library = None
+    if config.engine:  # fail before any slow step when TensorRT or the plugin library is missing
+        trt.require_tensorrt()
+        plugin_library = trt.find_plugin_library(config.plugins)
 
     if isinstance(config.model, nn.Module):
         checkpoint = Checkpoint(path=Path("<module>"), module=config.model)
@@ -113,20 +118,61 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
                                         artifacts.TORCH_OUTPUTS_FILE, verification),
         "timings_s": timings,
     }
+    checks = {f"onnxruntime ({session.get_providers()[0]})": verification}
+    engine = None
+    if config.engine:
+        engine, report["tensorrt"], checks["TensorRT"] = _engine_and_check(
+            config, onnx_model, feeds, reference, input_shape, dynamic_batch, plugin_library, timings)
+
     with stage(f"Writing artifacts to {output_dir}", timings, "write"):
         timings["total"] = round(time.perf_counter() - started, 4)
-        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference, report)
+        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference, report, engine)
 
-    worst = verification.worst
-    verdict = "PASSED" if verification.passed else "FAILED"
-    LOGGER.info("%s: onnxruntime (%s) vs PyTorch, worst output %r: max abs err %.3g, rel to range %.3g "
-                "(rtol %g, atol %.3g)", verdict, session.get_providers()[0], worst.name, worst.max_abs,
-                worst.rel_to_range, worst.rtol, worst.atol)
-    result = ExportResult(verification.passed, output_dir, files, report)
+    for runtime, check in checks.items():
+        worst = check.worst
+        LOGGER.info("%s: %s vs PyTorch, worst output %r: max abs err %.3g, rel to range %.3g (rtol %g, atol %.3g)",
+                    "PASSED" if check.passed else "FAILED", runtime, worst.name, worst.max_abs, worst.rel_to_range,
+                    worst.rtol, worst.atol)
+    result = ExportResult(all(check.passed for check in checks.values()), output_dir, files, report)
     if raise_on_mismatch and not result.passed:
-        raise VerificationFailed(f"The onnxruntime outputs differ from PyTorch beyond tolerance (worst: "
-                                 f"{worst.name}, rel to range {worst.rel_to_range:.3g}); see {files['report.json']}.")
+        failed = ", ".join(runtime for runtime, check in checks.items() if not check.passed)
+        raise VerificationFailed(f"The {failed} outputs differ from PyTorch beyond tolerance; see "
+                                 f"{files['report.json']}.")
     return result
+
+
+def _engine_and_check(config: ExportConfig, onnx_model, feeds, reference, input_shape: tuple[int, ...],
+                      dynamic_batch: bool, plugin_library: Path | None,
+                      timings: dict[str, float]) -> tuple[bytes, dict, Verification]:
+    """Build the TensorRT engine of the exported model, run it on the verification inputs, compare with PyTorch."""
+    custom_nodes = sorted({n.op_type for n in onnx_model.graph.node if n.domain == "deploykit"})
+    if custom_nodes and plugin_library is None:
+        raise DeployError(f"The model has deploykit::{', deploykit::'.join(custom_nodes)} nodes but no plugin library "
+                          f"was found: build plugins/ with CMake (README, 'TensorRT') and pass --plugins or set "
+                          f"{trt.PLUGIN_LIBRARY_ENV}.")
+    batches = [feed[INPUT_NAME].shape[0] for feed in feeds] + ([config.max_batch] if config.max_batch else [])
+    shapes = trt.EngineShapes.for_batches((batches[0], *input_shape[1:]), batches, dynamic_batch)
+    precision = "FP16" if config.fp16 else "FP32"
+    with stage(f"Building the TensorRT engine ({precision}, batch {shapes.min[0]}-{shapes.max[0]})", timings,
+               "trt_build"):
+        engine = trt.build_engine(onnx_model.SerializeToString(), INPUT_NAME, shapes, config.fp16, plugin_library)
+    with stage("Running TensorRT", timings, "tensorrt"):
+        candidate = trt.trt_results(engine, feeds, plugin_library)
+    rtol = FP16_RTOL if config.fp16 and config.rtol is None else config.rtol
+    verification = compare(candidate, reference, rtol=rtol, atol=config.atol)
+    atol = max(check.atol for check in verification.outputs)
+    section = {
+        "version": trt.require_tensorrt(), "fp16": config.fp16,
+        "plugin_library": str(plugin_library) if plugin_library else None,
+        "profile": {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)},
+        "verification": verification.as_dict(),
+        "reproduce": trt.polygraphy_trt_command(artifacts.MODEL_FILE, artifacts.INPUTS_FILE,
+                                                artifacts.TORCH_OUTPUTS_FILE, INPUT_NAME, shapes, config.fp16,
+                                                plugin_library, atol, verification.outputs[0].rtol),
+        "trtexec": trt.trtexec_command(artifacts.MODEL_FILE, artifacts.ENGINE_FILE, INPUT_NAME, shapes, config.fp16,
+                                       plugin_library),
+    }
+    return engine, section, verification
 
 
 def _resolve_arch(checkpoint: Checkpoint, requested: str | None) -> str | None:

@@ -24,6 +24,7 @@ from polygraphy.comparator import Comparator, CompareFunc, RunResults
 from deploykit.log import polygraphy_quiet
 
 DEFAULT_RTOL = 1e-4
+FP16_RTOL = 1e-2  # an FP16 engine's tolerance: half precision keeps ~3 significant digits
 TORCH_RUNNER = "pytorch"
 ONNXRT_RUNNER = "onnxruntime"
 Feed = dict[str, np.ndarray]

@@ -18,9 +18,24 @@ def test_variant_has_every_layer(spec):
     assert spec.module.__module__ == f"deploykit.nn.{spec.name}", "the module lives in deploykit/nn/<name>.py"
     assert importlib.import_module(f"deploykit.ops.{spec.name}").SPEC is spec, "its contract in deploykit/ops/<name>.py"
     assert (REPO / "tests" / "ops" / f"test_{spec.name}.py").is_file(), "its tests in tests/ops/test_<name>.py"
-    if spec.plugin is not None:
-        assert (REPO / "plugins" / spec.plugin).is_dir(), "its TensorRT plugin in plugins/<plugin>/"
+    for plugin in spec.plugins:
+        assert_plugin_folder(plugin)
     assert spec.tolerance.get("float32", 1) <= 1e-4, "fp32 tolerance is at most 1e-4 unless documented"
+
+
+def assert_plugin_folder(name: str) -> None:
+    """plugins/<op>/ holds <op>Kernel.h/.cu (the C launcher), <op>Plugin.h/.cpp (TensorRT) and a README."""
+    folder = REPO / "plugins" / name
+    stem = name.split("_")[0] + "".join(part.capitalize() for part in name.split("_")[1:])
+    for file in (f"{stem}Kernel.h", f"{stem}Kernel.cu", f"{stem}Plugin.h", f"{stem}Plugin.cpp", "README.md"):
+        assert (folder / file).is_file(), f"plugins/{name}/{file}"
+    assert name in (REPO / "plugins" / "CMakeLists.txt").read_text(), "plugins/CMakeLists.txt builds it"
+
+
+def test_every_plugin_folder_belongs_to_a_custom_op():
+    plugins = {plugin for spec in VARIANTS for plugin in spec.plugins}
+    folders = {p.name for p in (REPO / "plugins").iterdir() if p.is_dir() and p.name != "common"}
+    assert folders == plugins == {"deform_conv2d", "dynamic_conv2d"}
 
 
 def test_every_module_file_is_a_registered_variant():

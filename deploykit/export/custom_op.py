@@ -61,6 +61,7 @@ class CustomOp:
             returns None where it does not apply (e.g. a dynamic batch), and the node is emitted instead.
         reference: optional ``onnx.reference`` OpRun computing the node, for evaluators that cannot run the body.
         plugin_version: the ``plugin_version`` the TensorRT plugin creator registers.
+        plugin: the folder under ``plugins/`` holding the op's CUDA kernel and TensorRT plugin, if it has one.
         min_opset: the first default-domain opset the body exists in; below it only the standard lowering works.
         prefer_standard: whether "auto" lowering uses the standard lowering where it applies (True) or only where
             the node cannot be emitted (False).
@@ -75,6 +76,7 @@ class CustomOp:
     standard_lowering: Callable[..., Any] | None = None
     reference: type | None = None
     plugin_version: str = "1"
+    plugin: str | None = None
     min_opset: int = 1
     prefer_standard: bool = True
 

@@ -335,4 +335,4 @@ def to_trt_oss_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
 DEFORM_CONV2D = CustomOp(
     torch_op=torch.ops.deploykit.deform_conv2d.default, op_type=OP_TYPE, inputs=INPUTS, outputs=("Y",),
     attributes=ATTRIBUTES, body=function_body, standard_lowering=gather_lowering, min_opset=BODY_OPSET,
-    prefer_standard=False)
+    prefer_standard=False, plugin="deform_conv2d")

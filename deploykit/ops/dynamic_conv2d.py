@@ -256,4 +256,5 @@ def fold_lowering(X, W, A, B, S, strides, pads, dilations, group):
 
 DYNAMIC_CONV2D = CustomOp(
     torch_op=torch.ops.deploykit.dynamic_conv2d.default, op_type=OP_TYPE, inputs=INPUTS, outputs=("Y",),
-    attributes=ATTRIBUTES, body=function_body, standard_lowering=fold_lowering, reference=DynamicConv2dReference)
+    attributes=ATTRIBUTES, body=function_body, standard_lowering=fold_lowering, reference=DynamicConv2dReference,
+    plugin="dynamic_conv2d")

@@ -1,1 +1,2 @@
-"""Runtimes that execute the exported model: onnxruntime here; TensorRT when installed (later)."""
+"""Runtimes that execute the exported model: onnxruntime (ort), TensorRT engines (trt, imported lazily), and the CUDA
+kernels' C launchers on PyTorch tensors (kernels)."""

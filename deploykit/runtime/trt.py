@@ -1,0 +1,136 @@
+"""TensorRT engines for exported models, built and run through Polygraphy's TensorRT backend.
+
+``tensorrt`` is imported only when an engine is built, so deploykit installs and runs without it; asking for an
+engine without it fails with one sentence (`require_tensorrt`). The ``deploykit::`` nodes of an exported model run
+as deploykit's plugins (``plugins/``, built into ``libdeploykit_plugins.so``): the nodes carry
+``plugin_namespace="deploykit"``, so TensorRT >= 10.7 takes the registered plugin instead of the node's ONNX
+function body. The library registers its creators when it is loaded (Polygraphy ``--plugins``, trtexec
+``--staticPlugins``, ``LD_PRELOAD``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from polygraphy.comparator import Comparator, RunResults
+
+from deploykit.errors import DeployError
+from deploykit.log import polygraphy_quiet
+from deploykit.runtime.kernels import PLUGINS_DIR
+
+TRT_RUNNER = "tensorrt"
+MIN_TENSORRT = (10, 7)
+PLUGIN_LIBRARY_ENV = "DEPLOYKIT_PLUGINS"
+DEFAULT_PLUGIN_LIBRARY = PLUGINS_DIR / "build" / "libdeploykit_plugins.so"
+
+
+def require_tensorrt() -> str:
+    """TensorRT's version, or a DeployError saying in one sentence what is missing."""
+    if importlib.util.find_spec("tensorrt") is None:
+        raise DeployError("Building a TensorRT engine needs TensorRT, which is not installed here: install TensorRT "
+                          f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} or newer (the `tensorrt` Python package) on a machine "
+                          "with an NVIDIA GPU.")
+    try:
+        import tensorrt
+    except (ImportError, OSError) as err:
+        raise DeployError(f"TensorRT is installed but does not load: {str(err).strip().splitlines()[0]}.") from err
+    version = tuple(int(part) for part in tensorrt.__version__.split(".")[:2])
+    if version < MIN_TENSORRT:
+        raise DeployError(f"TensorRT {tensorrt.__version__} is too old: deploykit's plugins need "
+                          f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} or newer (IPluginV3, plugin_namespace precedence).")
+    return tensorrt.__version__
+
+
+def find_plugin_library(requested: str | os.PathLike | None = None) -> Path | None:
+    """The plugin library to load: `requested`, else $DEPLOYKIT_PLUGINS, else plugins/build/ of a source checkout
+    (where ``cmake -S plugins -B plugins/build && cmake --build plugins/build`` puts it); None if none exists."""
+    for candidate, origin in ((requested, "--plugins"), (os.environ.get(PLUGIN_LIBRARY_ENV), PLUGIN_LIBRARY_ENV)):
+        if candidate:
+            path = Path(candidate)
+            if not path.is_file():
+                raise DeployError(f"The plugin library {path} (from {origin}) does not exist.")
+            return path.resolve()
+    return DEFAULT_PLUGIN_LIBRARY if DEFAULT_PLUGIN_LIBRARY.is_file() else None
+
+
+@dataclass(frozen=True)
+class EngineShapes:
+    """The optimisation profile of the model's one input: the smallest, the tuned-for and the largest shape."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    @classmethod
+    def for_batches(cls, shape: Sequence[int], batches: Sequence[int], dynamic_batch: bool) -> EngineShapes:
+        """Batch 1 to max(batches), tuned for the first, when the batch is dynamic; else exactly `shape`."""
+        rest = tuple(shape[1:])
+        if not dynamic_batch:
+            return cls(tuple(shape), tuple(shape), tuple(shape))
+        return cls((1, *rest), (batches[0], *rest), (max(batches), *rest))
+
+
+def build_engine(model: bytes, input_name: str, shapes: EngineShapes, fp16: bool = False,
+                 plugin_library: Path | None = None) -> bytes:
+    """Parse the serialized ONNX model, load the plugin library, and build a serialized engine for `shapes`."""
+    require_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, LoadPlugins, NetworkFromOnnxBytes, Profile
+
+    network = NetworkFromOnnxBytes(model)
+    if plugin_library is not None:
+        network = LoadPlugins(plugins=[str(plugin_library)], obj=network)
+    profile = Profile().add(input_name, min=shapes.min, opt=shapes.opt, max=shapes.max)
+    config = CreateConfig(fp16=fp16, profiles=[profile])
+    try:
+        with polygraphy_quiet():
+            return bytes(EngineBytesFromNetwork(network, config=config)())
+    except Exception as err:  # Polygraphy reports parser and builder failures as PolygraphyException
+        raise DeployError(f"TensorRT could not build the engine: {str(err).strip().splitlines()[0]}.") from err
+
+
+def trt_results(engine: bytes, feeds: Sequence[dict[str, np.ndarray]],
+                plugin_library: Path | None = None) -> RunResults:
+    """Run a serialized engine through Polygraphy's TrtRunner on each feed."""
+    from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
+
+    loader = EngineFromBytes(engine)
+    if plugin_library is not None:
+        loader = LoadPlugins(plugins=[str(plugin_library)], obj=loader)
+    with polygraphy_quiet():
+        return Comparator.run([TrtRunner(loader, name=TRT_RUNNER)], data_loader=list(feeds))
+
+
+def _shape(shape: Sequence[int], separator: str) -> str:
+    return separator.join(str(d) for d in shape)
+
+
+def polygraphy_trt_command(model: str, inputs: str, outputs: str, input_name: str, shapes: EngineShapes, fp16: bool,
+                           plugin_library: Path | None, atol: float, rtol: float) -> str:
+    """The ``polygraphy run`` line that rebuilds the engine and replays its comparison with PyTorch."""
+    parts = ["polygraphy run", shlex.quote(model), "--trt"]
+    parts += ["--fp16"] if fp16 else []
+    parts += ["--plugins", shlex.quote(str(plugin_library))] if plugin_library else []
+    parts += [f"--trt-min-shapes {input_name}:[{_shape(shapes.min, ',')}]",
+              f"--trt-opt-shapes {input_name}:[{_shape(shapes.opt, ',')}]",
+              f"--trt-max-shapes {input_name}:[{_shape(shapes.max, ',')}]",
+              f"--load-inputs {shlex.quote(inputs)} --load-outputs {shlex.quote(outputs)}",
+              f"--atol {atol:.6g} --rtol {rtol:g}"]
+    return " ".join(parts)
+
+
+def trtexec_command(model: str, engine: str, input_name: str, shapes: EngineShapes, fp16: bool,
+                    plugin_library: Path | None) -> str:
+    """The trtexec line that builds the same engine."""
+    parts = ["trtexec", f"--onnx={shlex.quote(model)}"]
+    parts += [f"--staticPlugins={shlex.quote(str(plugin_library))}"] if plugin_library else []
+    parts += [f"--minShapes={input_name}:{_shape(shapes.min, 'x')}", f"--optShapes={input_name}:{_shape(shapes.opt, 'x')}",
+              f"--maxShapes={input_name}:{_shape(shapes.max, 'x')}"]
+    parts += ["--fp16"] if fp16 else []
+    parts += [f"--saveEngine={shlex.quote(engine)}"]
+    return " ".join(parts)
