@@ -56,9 +56,9 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    plugin_library = None
+    trt_version, plugin_library = None, None
     if config.engine:  # fail before any slow step when TensorRT or the plugin library is missing
-        trt.require_tensorrt()
+        trt_version = trt.require_tensorrt()
         plugin_library = trt.find_plugin_library(config.plugins)
 
     if isinstance(config.model, nn.Module):
@@ -122,7 +122,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     engine = None
     if config.engine:
         engine, report["tensorrt"], checks["TensorRT"] = _engine_and_check(
-            config, onnx_model, feeds, reference, input_shape, dynamic_batch, plugin_library, timings)
+            config, onnx_model, feeds, reference, input_shape, dynamic_batch, trt_version, plugin_library, timings)
 
     with stage(f"Writing artifacts to {output_dir}", timings, "write"):
         timings["total"] = round(time.perf_counter() - started, 4)
@@ -142,7 +142,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
 
 
 def _engine_and_check(config: ExportConfig, onnx_model, feeds, reference, input_shape: tuple[int, ...],
-                      dynamic_batch: bool, plugin_library: Path | None,
+                      dynamic_batch: bool, trt_version: str, plugin_library: Path | None,
                       timings: dict[str, float]) -> tuple[bytes, dict, Verification]:
     """Build the TensorRT engine of the exported model, run it on the verification inputs, compare with PyTorch."""
     custom_nodes = sorted({n.op_type for n in onnx_model.graph.node if n.domain == "deploykit"})
@@ -162,7 +162,7 @@ def _engine_and_check(config: ExportConfig, onnx_model, feeds, reference, input_
     verification = compare(candidate, reference, rtol=rtol, atol=config.atol)
     atol = max(check.atol for check in verification.outputs)
     section = {
-        "version": trt.require_tensorrt(), "fp16": config.fp16,
+        "version": trt_version, "fp16": config.fp16,
         "plugin_library": str(plugin_library) if plugin_library else None,
         "profile": {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)},
         "verification": verification.as_dict(),

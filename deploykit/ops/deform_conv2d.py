@@ -59,6 +59,7 @@ from onnxscript import opset18 as op
 from deploykit.export.custom_op import DOMAIN, CustomOp, forwarding_node
 from deploykit.ops import reference as ref
 from deploykit.ops.autograd import differentiate_by_recomputing
+from deploykit.ops.reference import conv_output_size as output_size
 
 OP_TYPE = "DeformConv2d"
 INPUTS = ("X", "W", "offset", "B", "mask")
@@ -193,12 +194,6 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     if bias is None:
         bias = weight.new_zeros(out_channels)
     return _deform_conv2d(input, weight, offset, bias, mask, stride, pads, dilation, group, offset_group)
-
-
-def output_size(size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
-                dilations: Sequence[int]) -> tuple[int, int]:
-    return tuple((size[i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-                 for i in range(2))
 
 
 # --- float64 reference ---------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from onnxscript import opset20 as op
 from deploykit.export.custom_op import DOMAIN, CustomOp, forwarding_node
 from deploykit.ops import reference as ref
 from deploykit.ops.autograd import differentiate_by_recomputing
+from deploykit.ops.reference import conv_output_size as output_size
 
 OP_TYPE = "DynamicConv2d"
 INPUTS = ("X", "W", "A", "B", "S")
@@ -107,12 +108,6 @@ def register_neutral_inputs(module: torch.nn.Module, kernels: int, out_channels:
     [1, k, k]) for layers without them. Non-persistent buffers: they follow `.to()` but stay out of checkpoints."""
     module.register_buffer("no_bias", torch.zeros(kernels, out_channels), persistent=False)
     module.register_buffer("unit_taps", torch.ones(1, kernel_size, kernel_size), persistent=False)
-
-
-def output_size(size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
-                dilations: Sequence[int]) -> tuple[int, int]:
-    return tuple((size[i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-                 for i in range(2))
 
 
 # --- float64 reference ---------------------------------------------------------------------------------------

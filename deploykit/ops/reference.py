@@ -7,7 +7,16 @@ Layout is NCHW throughout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+
+def conv_output_size(size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+                     dilations: Sequence[int]) -> tuple[int, int]:
+    """ONNX Conv's output height and width; pads are (top, left, bottom, right)."""
+    return tuple((size[i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                 for i in range(2))
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: int | tuple[int, int] = 1,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from deploykit.errors import DeployError
+from deploykit.ops.reference import conv_output_size
 
 PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
 KERNEL_SOURCES = ("deform_conv2d/deformConv2dKernel.cu", "dynamic_conv2d/dynamicConv2dKernel.cu")
@@ -42,11 +43,6 @@ class ConvShape(ctypes.Structure):
            pads: Sequence[int], dilations: Sequence[int], group: int) -> ConvShape:
         return cls(*x.shape, out_channels, *kernel, (ctypes.c_int32 * 2)(*strides), (ctypes.c_int32 * 4)(*pads),
                    (ctypes.c_int32 * 2)(*dilations), group)
-
-    def output_size(self) -> tuple[int, int]:
-        return tuple((size + self.pads[i] + self.pads[i + 2] - self.dilations[i] * (kernel - 1) - 1)
-                     // self.strides[i] + 1
-                     for i, (size, kernel) in enumerate(((self.height, self.kernelH), (self.width, self.kernelW))))
 
 
 def cuda_home() -> Path:
@@ -113,7 +109,8 @@ class ConvKernels:
                       dilations: Sequence[int], group: int, offset_group: int) -> torch.Tensor:
         """deploykit::DeformConv2d (pads: top, left, bottom, right); bias and mask may be None."""
         shape = ConvShape.of(x, weight.shape[0], weight.shape[2:], strides, pads, dilations, group)
-        y = x.new_empty(x.shape[0], weight.shape[0], *shape.output_size())
+        y = x.new_empty(x.shape[0], weight.shape[0], *conv_output_size(x.shape[2:], weight.shape[2:], strides, pads,
+                                                                        dilations))
         self._call("DeformConv2d", self._deform, ctypes.byref(shape), ctypes.c_int32(offset_group),
                    self._type(x), *self._pointers(x, weight, offset, bias, mask, y))
         return y
@@ -123,7 +120,8 @@ class ConvKernels:
                        pads: Sequence[int], dilations: Sequence[int], group: int) -> torch.Tensor:
         """deploykit::DynamicConv2d (W [K, M, C/g, kH, kW], A [N, K], B [K, M], S [N or 1, kH, kW])."""
         shape = ConvShape.of(x, weight.shape[1], weight.shape[3:], strides, pads, dilations, group)
-        y = x.new_empty(x.shape[0], weight.shape[1], *shape.output_size())
+        y = x.new_empty(x.shape[0], weight.shape[1], *conv_output_size(x.shape[2:], weight.shape[3:], strides, pads,
+                                                                        dilations))
         workspace = torch.empty(self._workspace_size(ctypes.byref(shape), self._type(x)), dtype=torch.uint8,
                                 device=x.device)
         tap_samples = taps.shape[0] if taps is not None else 1
