@@ -12,6 +12,9 @@ written, so an error or an interrupt never leaves a half-written or inconsistent
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -25,6 +28,7 @@ from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
 
 from deploykit.errors import DeployError
+from deploykit.fileio import output_directory, partial_name
 from deploykit.log import polygraphy_quiet
 
 MODEL_FILE = "model.onnx"
@@ -52,31 +56,73 @@ def versions() -> dict[str, str]:
 
 def write_artifacts(output_dir: Path, model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
                     torch_outputs: RunResults, report: dict, engine: bytes | None = None) -> dict[str, Path]:
-    """Write the artifacts into `output_dir` atomically as a set; return their final paths."""
+    """Write the artifacts into `output_dir` atomically as a set; return their final paths.
+
+    `output_dir` is created here (not before): if anything fails or the run is interrupted, the previous set (if
+    any) is left as it was, no temporary file stays behind, and a directory this call created is removed again.
+    The write holds the directory's lock (`deploykit.fileio.output_directory`), so two runs writing the same
+    directory end with one complete set, never a mix. The report records each file's size and SHA-256
+    (``artifacts``), which proves which model.onnx etc. it belongs to. A ``model.plan`` of a previous run is removed
+    when this run has no engine."""
     writers: dict[str, Callable[[Path], None]] = {
         MODEL_FILE: lambda path: onnx.save_model(model, path),
         INPUTS_FILE: lambda path: save_json(list(feeds), str(path)),
         TORCH_OUTPUTS_FILE: lambda path: torch_outputs.save(str(path)),
-        REPORT_FILE: lambda path: path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n"),
     }
     if engine is not None:
         writers[ENGINE_FILE] = lambda path: path.write_bytes(engine)
-    staged: dict[Path, Path] = {}
+    writers[REPORT_FILE] = lambda path: path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    with output_directory(output_dir):
+        _commit(output_dir, writers, report, stale=[] if engine is not None else [ENGINE_FILE])
+    return {name: output_dir / name for name in writers}
+
+
+def _commit(output_dir: Path, writers: dict[str, Callable[[Path], None]], report: dict, stale: list[str]) -> None:
+    """Stage every file under a temporary name, then rename them into place (report.json last); on any failure,
+    an interrupt included, put the previous files back and remove every temporary."""
+    staged: dict[str, Path] = {}
+    previous: dict[Path, Path] = {}  # final path -> its previous version, kept aside until the set is complete
+    placed: list[Path] = []
+    done = False
     try:
         with polygraphy_quiet():
             for name, write in writers.items():
-                final = output_dir / name
-                temporary = output_dir / f".{name}.{os.getpid()}.partial"
-                staged[temporary] = final
-                write(temporary)
-        for temporary, final in staged.items():
-            os.replace(temporary, final)
-    except OSError as err:
-        raise DeployError(f"Cannot write the artifacts to {output_dir}: {err.strerror or err}.") from err
+                if name == REPORT_FILE:
+                    report["artifacts"] = {n: _digest(path) for n, path in staged.items()}
+                staged[name] = output_dir / partial_name(name)
+                write(staged[name])
+        for name in (*stale, *staged):
+            final = output_dir / name
+            if final.exists() or final.is_symlink():
+                previous[final] = output_dir / partial_name(name + ".previous")
+                os.replace(final, previous[final])
+            if name in staged:
+                os.replace(staged[name], final)
+                placed.append(final)
+        done = True
+    except BaseException as err:
+        if not done:
+            for final in placed:
+                final.unlink(missing_ok=True)
+            for final, old in previous.items():
+                with contextlib.suppress(OSError):
+                    os.replace(old, final)
+        if isinstance(err, OSError):
+            hint = " (free some space or choose another --output-dir)" if err.errno == errno.ENOSPC else ""
+            raise DeployError(f"Cannot write the artifacts to {output_dir}: {err.strerror or err}{hint}.") from err
+        raise
     finally:
-        for temporary in staged:
-            temporary.unlink(missing_ok=True)
-    return {name: output_dir / name for name in writers}
+        for path in (*staged.values(), *previous.values()):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+
+def _digest(path: Path) -> dict:
+    sha256 = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha256.update(block)
+    return {"bytes": path.stat().st_size, "sha256": sha256.hexdigest()}
 
 
 def _json_default(value):

@@ -11,15 +11,20 @@ Three kinds of file are accepted:
   (``num_classes=0``: the export outputs the last stage's feature map);
 * a PyTorch Lightning checkpoint whose module holds the network as ``self.model`` next to training-only parts
   (margin heads, losses): the ``model.*`` keys are the model;
-* a pickled whole ``nn.Module``, only with ``trust_pickle=True``: unpickling runs code from the file.
+* a pickled whole ``nn.Module``, only with ``trust_pickle=True``: unpickling runs code from the file;
+* a ``.safetensors`` file (recognised by its content: an 8-byte little-endian header length, then the header's
+  JSON), a flat state_dict unwrapped like the others (``module.``, OpenMMLab, Lightning); it never runs code.
 
-Everything else is loaded with ``torch.load(weights_only=True)``, which cannot execute code.
+Everything else is loaded with ``torch.load(weights_only=True)``, which cannot execute code. float16 and bfloat16
+weights are cast to float32 (``metadata["cast"]`` says how many). Empty, gzip-compressed, truncated files and zips
+that are not checkpoints are refused with one sentence.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +47,9 @@ _BACKBONE, _CLASSIFIER = "backbone.", "head.fc."
 _LIGHTNING_MODEL = "model."
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
+_GZIP_MAGIC = b"\x1f\x8b"
+_SNIFF_BYTES = 16
+_HALF_DTYPES = (torch.float16, torch.bfloat16)  # loaded as float32: the export and its check run in float32
 
 
 @dataclass
@@ -71,11 +79,27 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
     if not path.exists():
         raise DeployError(f"Checkpoint {path} does not exist.")
     if not path.is_file():
-        raise DeployError(f"Checkpoint {path} is not a file.")
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    if not head.startswith((_ZIP_MAGIC, _PICKLE_PROTOCOL_2_PLUS)):
-        hint = " (it looks like an ONNX model; pass the PyTorch checkpoint instead)" if path.suffix == ".onnx" else ""
+        kind = "a directory" if path.is_dir() else "a special file"
+        raise DeployError(f"Checkpoint {path} is not a file but {kind}; pass the checkpoint file itself to --model.")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+        size = path.stat().st_size
+    except OSError as err:
+        raise DeployError(f"Checkpoint {path} cannot be read: {err.strerror or err}; check its permissions.") from None
+    if not head:
+        raise DeployError(f"Checkpoint {path} is empty (0 bytes); the download or save was interrupted, so fetch "
+                          f"or save it again.")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
+        return _checkpoint_from_object(path, _load_safetensors(path, size), source="safetensors")
+    if head.startswith(_GZIP_MAGIC):
+        raise DeployError(f"{path} is gzip-compressed, not a PyTorch checkpoint; decompress it first (gunzip -k) "
+                          f"and pass the result to --model.")
+    if head.startswith(_ZIP_MAGIC):
+        _check_torch_zip(path)
+    elif not head.startswith(_PICKLE_PROTOCOL_2_PLUS):
+        hint = " (it looks like an ONNX model; pass the PyTorch checkpoint instead)" if path.suffix == ".onnx" else \
+            " (pass a .pt/.pth file written by torch.save, or a .safetensors file)"
         raise DeployError(f"{path} is not a PyTorch checkpoint{hint}.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
@@ -84,21 +108,23 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
             raise DeployError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module), and loading them would run code "
                 f"from the file; re-run with {TRUST_PICKLE_FLAG} only if you trust its source.") from None
-        raise DeployError(f"{path} is corrupt or truncated: it cannot be unpickled ({_first_line(err)}).") from None
+        raise DeployError(f"{path} is corrupt or truncated: it cannot be unpickled ({_first_line(err)}); fetch or "
+                          f"save it again.") from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ModuleNotFoundError) as err:
-        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({_first_line(err)}).") from None
+        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({_first_line(err)}); fetch or save "
+                          f"it again.") from None
     return _checkpoint_from_object(path, obj)
 
 
-def _checkpoint_from_object(path: Path, obj: Any) -> Checkpoint:
+def _checkpoint_from_object(path: Path, obj: Any, source: str = "torch") -> Checkpoint:
     if isinstance(obj, nn.Module):
         return Checkpoint(path, module=obj)
     if not isinstance(obj, Mapping):
         raise DeployError(f"{path} holds a {type(obj).__name__}, not a state_dict or a model.")
     if obj.get("format") == FORMAT:
         metadata = {k: v for k, v in obj.items() if k not in ("state_dict", "arch", "arch_kwargs")}
-        return Checkpoint(path, arch=obj["arch"], arch_kwargs=dict(obj.get("arch_kwargs") or {}),
-                          state_dict=dict(obj["state_dict"]), metadata=metadata)
+        return _as_float32(Checkpoint(path, arch=obj["arch"], arch_kwargs=dict(obj.get("arch_kwargs") or {}),
+                                      state_dict=dict(obj["state_dict"]), metadata=metadata))
     for key in _WRAPPER_KEYS:
         inner = obj.get(key)
         if isinstance(inner, nn.Module):
@@ -109,7 +135,106 @@ def _checkpoint_from_object(path: Path, obj: Any) -> Checkpoint:
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = ", ".join(list(map(str, obj))[:5]) or "none"
         raise DeployError(f"{path} does not contain a state_dict of tensors (its top-level keys: {keys}).")
-    return _without_training_parts(_with_openmmlab_layout(Checkpoint(path, state_dict=strip_prefixes(dict(obj)))))
+    checkpoint = Checkpoint(path, state_dict=strip_prefixes(dict(obj)))
+    if source != "torch":
+        checkpoint.metadata["source"] = source
+    return _as_float32(_without_training_parts(_with_openmmlab_layout(checkpoint)))
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and the header's JSON."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2
+
+
+def _load_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
+    """A flat state_dict from a safetensors file (which holds only tensors and string metadata: loading it never
+    runs code)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise DeployError(f"{path} is a safetensors file, which needs the safetensors package; install it "
+                          f"(pip install 'safetensors>=0.4').") from None
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    length = int.from_bytes(head[:8], "little") if len(head) >= 8 else None
+    if length is None or head[8:9] != b"{" or length > size - 8:
+        what = "shorter than its header" if length is not None and length > size - 8 and head[8:9] == b"{" \
+            else "not a safetensors header"
+        raise DeployError(f"{path} is not a valid safetensors file: its header is corrupt ({what}); fetch or save "
+                          f"it again.")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
+        reason = _first_line(err)
+        if "incomplete" in reason or "not fully covered" in reason:
+            raise DeployError(f"{path} is not a valid safetensors file: it is truncated ({reason}); fetch or save it "
+                              f"again.") from None
+        part = "header" if "header" in reason.lower() or "json" in reason.lower() else "content"
+        raise DeployError(f"{path} is not a valid safetensors file: its {part} is corrupt ({reason}); fetch or save "
+                          f"it again.") from None
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A zip that torch.load would choke on: say what it is instead (an archive around a checkpoint, or nothing
+    of torch's)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise DeployError(f"{path} is corrupt or truncated: it starts like a zip archive (PyTorch's format) but its "
+                          f"directory cannot be read; fetch or save it again.") from None
+    if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        return
+    inner = [name for name in names if name.endswith((".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"))]
+    if inner:
+        raise DeployError(f"{path} is a zip archive holding {', '.join(inner[:3])}, not a PyTorch checkpoint; "
+                          f"extract it and pass the checkpoint to --model.")
+    raise DeployError(f"{path} is a zip archive but not a PyTorch checkpoint (it has no data.pkl); pass a file "
+                      f"written by torch.save.")
+
+
+def _as_float32(checkpoint: Checkpoint) -> Checkpoint:
+    """Cast float16 and bfloat16 weights to float32 (the export and its check run in float32), noting how many."""
+    counts: dict[str, int] = {}
+    state_dict = checkpoint.state_dict
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.dtype in _HALF_DTYPES:
+            counts[str(value.dtype).removeprefix("torch.")] = counts.get(str(value.dtype).removeprefix("torch."), 0) + 1
+            state_dict[key] = value.float()
+    if counts:
+        parts = [f"{n} {dtype}" for dtype, n in counts.items()]
+        checkpoint.metadata["cast"] = f"cast {' and '.join(parts)} tensors to float32"
+    return checkpoint
+
+
+def check_weights(model: nn.Module, checkpoint: Checkpoint | None = None, shown: int = 3) -> None:
+    """Refuse weights that cannot give a meaningful export: NaN or infinite values, and integer tensors in the
+    checkpoint where the model has float weights (`load_state_dict` would silently cast them)."""
+    source = "The model" if checkpoint is None or checkpoint.path == Path("<module>") else \
+        f"The checkpoint {checkpoint.path}"
+    expected = model.state_dict()
+    if checkpoint is not None and checkpoint.state_dict is not None:
+        integer = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in checkpoint.state_dict.items()
+                   if isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex())
+                   and k in expected and expected[k].is_floating_point()]
+        if integer:
+            more = f" and {len(integer) - shown} more" if len(integer) > shown else ""
+            raise DeployError(f"{source} has integer tensors where the model has float weights "
+                              f"({', '.join(integer[:shown])}{more}); pass a float checkpoint (a quantised one cannot "
+                              f"be exported as is).")
+    bad = []
+    for key, value in expected.items():
+        if value.is_floating_point():
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            if nan or inf:
+                counts = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
+                bad.append(f"{key}: {counts}")
+    if bad:
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise DeployError(f"{source} has non-finite weights in {len(bad)} tensor(s) ({'; '.join(bad[:shown])}{more}); "
+                          f"the training run diverged or the file is damaged, so export an earlier, finite "
+                          f"checkpoint.")
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

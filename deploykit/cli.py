@@ -1,37 +1,48 @@
 """Command line of ``export.py`` / ``deploykit-export``: parse arguments, call `deploykit.export_model`.
 
-Exit status: 0 verified, 1 the deployed model does not match PyTorch, 2 bad input (one sentence on stderr).
+Exit status: 0 verified, 1 the deployed model does not match PyTorch, 2 bad input (one sentence on stderr),
+3 inconclusive (every verification input is unstable for the network in float32).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 
 from deploykit import log
 from deploykit.checkpoint import TRUST_PICKLE_FLAG
-from deploykit.config import ExportConfig, parse_shape
+from deploykit.config import ExportConfig, parse_floats, parse_shape
 from deploykit.errors import DeployError
 from deploykit.export.custom_op import LOWERINGS
 from deploykit.export.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
 from deploykit.verify import DEFAULT_RTOL
 
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INCONCLUSIVE = 0, 1, 2, 3
+EXIT_STATUS = {"passed": EXIT_OK, "failed": EXIT_MISMATCH, "inconclusive": EXIT_INCONCLUSIVE}
 
 EPILOG = """examples:
   python -m models scnet50 -o scnet50.pt        # a seeded random scnet50 checkpoint
   python export.py --model scnet50.pt           # export, run in onnxruntime, compare with PyTorch
   python export.py --model scnet50-dc6a7e87.pth --arch scnet50 --input-shape 4x3x256x256 --static-batch
+  python export.py --model scnet50.pt --images photos/  # verify on your own images
 
-exit status: 0 verified, 1 outputs differ beyond tolerance (artifacts are still written), 2 bad input.
+exit status: 0 verified, 1 outputs differ beyond tolerance (artifacts are still written, the report names the
+first diverging module), 2 bad input, 3 inconclusive (every input is unstable for the network in float32).
 The report prints the `polygraphy run` command that replays the comparison from the artifacts."""
 
 
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup that handles an interrupt handles it too."""
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own usage errors also exit with status 2
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"error: {message}\n")
+    def error(self, message: str) -> None:  # argparse's own usage errors also exit with status 2, in one line
+        self.exit(EXIT_USAGE, f"error: {message.rstrip('.')}; see {self.prog} --help.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input shape including batch (default: 1x<model's native input>, e.g. 1x3x224x224)")
     export.add_argument("--static-batch", action="store_true",
                         help="fix the batch dimension (default: dynamic, one file for every batch size)")
-    export.add_argument("--opset", type=int, choices=list(SUPPORTED_OPSETS), metavar="N",
+    export.add_argument("--dynamic-spatial", action="store_true",
+                        help="also leave height and width symbolic: one file for every image size (detection "
+                             "backbones), verified at the requested size and a second one; refused by models with "
+                             "size-specific weights (TVConv, ACmix, the TF-padded CondConv port)")
+    export.add_argument("--opset", type=int, metavar="N",
                         help=f"ONNX opset {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
                              f"(default: {DEFAULT_OPSET}; 18 = no DeformConv, deformable convs as standard ops)")
     export.add_argument("--lowering", choices=LOWERINGS,
@@ -66,13 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     check = parser.add_argument_group("verification")
     check.add_argument("--inputs", metavar="FILE.npz",
                        help="verification input (array named 'input', or the only array); default: seeded random")
+    check.add_argument("--images", nargs="+", metavar="PATH",
+                       help="verify on these images (files or directories of JPEG/PNG/WebP/BMP), resized, "
+                            "centre-cropped and normalised as the model expects")
+    check.add_argument("--mean", type=_floats, metavar="M,M,M",
+                       help="per-channel mean for --images, pixels in [0, 1] (default: the model's own, else ImageNet)")
+    check.add_argument("--std", type=_floats, metavar="S,S,S",
+                       help="per-channel std for --images (default: the model's own, else ImageNet)")
     check.add_argument("--seed", type=int, help="seed of the random inputs (default: 0)")
     check.add_argument("--rtol", type=float, help=f"relative tolerance (default: {DEFAULT_RTOL:g})")
     check.add_argument("--atol", type=float, help="absolute tolerance (default: rtol * max |PyTorch output|)")
     check.add_argument("--providers", metavar="LIST",
                        help="onnxruntime execution providers, comma-separated, e.g. cpu or cuda,cpu "
                             "(default: the best available of tensorrt, cuda, cpu)")
-    check.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per core)")
+    check.add_argument("--threads", type=int,
+                       help="onnxruntime intra-op threads (default: onnxruntime's choice, one per physical core)")
     engine = parser.add_argument_group("TensorRT (needs TensorRT >= 10.7 and an NVIDIA GPU)")
     engine.add_argument("--engine", action="store_true",
                         help="also build a TensorRT engine (model.plan) and verify it against PyTorch")
@@ -80,8 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--plugins", metavar="LIB.so",
                         help="deploykit's plugin library (default: $DEPLOYKIT_PLUGINS, else "
                              "plugins/build/libdeploykit_plugins.so)")
+    engine.add_argument("--min-shape", type=_shape, metavar="BxCxHxW",
+                        help="smallest input of the engine's profile (default: batch 1; with --dynamic-spatial also "
+                             "the model's smallest size)")
+    engine.add_argument("--max-shape", type=_shape, metavar="BxCxHxW",
+                        help="largest input of the engine's profile (default: the largest verification input)")
     engine.add_argument("--max-batch", type=int, metavar="N",
-                        help="largest batch of the engine's profile (default: the largest verification batch)")
+                        help="largest batch of the engine's profile (default: the largest verification batch) and "
+                             "Triton's max_batch_size (default: 8)")
+    serving = parser.add_argument_group("serving (docs/serving.md)")
+    serving.add_argument("--triton-repo", metavar="DIR",
+                         help="after a passed verification, write a Triton model repository: DIR/<name>/config.pbtxt "
+                              "and DIR/<name>/1/model.onnx (with --engine also DIR/<name>_trt/), plus DIR/README.md")
+    serving.add_argument("--triton-name", metavar="NAME", help="the model's name in Triton (default: the arch)")
+    serving.add_argument("--triton-instance", choices=("cpu", "gpu"),
+                         help="where Triton's onnxruntime backend runs the model (default: cpu)")
+    serving.add_argument("--force", action="store_true",
+                         help="write the Triton repository even if the verification failed or was inconclusive")
     parser.add_argument("-o", "--output-dir", metavar="DIR",
                         help="artifact directory (default: deploykit-out/<arch>)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug detail and tracebacks")
@@ -91,32 +129,63 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
         model=args.model, arch=args.arch, output_dir=args.output_dir, input_shape=args.input_shape,
-        dynamic_batch=not args.static_batch, opset=args.opset, lowering=args.lowering, inputs=args.inputs,
+        dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial, opset=args.opset, lowering=args.lowering, inputs=args.inputs,
+        images=args.images, mean=args.mean, std=args.std,
         seed=args.seed, rtol=args.rtol, atol=args.atol,
         providers=args.providers.split(",") if args.providers else None, threads=args.threads,
         trust_pickle=args.trust_pickle, engine=args.engine, fp16=args.fp16, plugins=args.plugins,
-        max_batch=args.max_batch, verbose=args.verbose)
+        max_batch=args.max_batch, min_shape=args.min_shape, max_shape=args.max_shape, triton_repo=args.triton_repo, triton_name=args.triton_name,
+        triton_instance=args.triton_instance, force=args.force, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log.configure(args.verbose)
-    from deploykit.pipeline import export_model  # heavy imports after --help
-
+    previous = _raise_on_sigterm()
+    result = None
     try:
+        from deploykit.pipeline import export_model  # heavy imports after --help
+
         result = export_model(config_from_args(args))
+        log.LOGGER.info("reproduce: cd %s && %s", result.output_dir, result.report["reproduce"])
+        if "tensorrt" in result.report:
+            log.LOGGER.info("reproduce TensorRT: cd %s && %s", result.output_dir,
+                            result.report["tensorrt"]["reproduce"])
+        return EXIT_STATUS[result.verdict]
     except DeployError as err:
         if args.verbose:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted: no artifacts were written", file=sys.stderr)
-        return 130
-    log.LOGGER.info("reproduce: cd %s && %s", result.output_dir, result.report["reproduce"])
-    if "tensorrt" in result.report:
-        log.LOGGER.info("reproduce TensorRT: cd %s && %s", result.output_dir, result.report["tensorrt"]["reproduce"])
-    return EXIT_OK if result.passed else EXIT_MISMATCH
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (`Terminated`): every stage cleans up on the way out
+        if args.verbose:
+            traceback.print_exc()
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        done = f"the artifacts in {result.output_dir} are complete" if result is not None else \
+            "no artifacts were written"
+        print(f"{what}: {done}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into `Terminated` for the run (main thread only); returns the previous handler."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _floats(text: str):
+    try:
+        return parse_floats(text)
+    except DeployError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _shape(text: str):

@@ -23,11 +23,17 @@ class ExportConfig:
         input_shape: full input shape including the batch, e.g. (1, 3, 224, 224). Defaults to batch 1 at the
             model's native resolution.
         dynamic_batch: export the batch dimension as symbolic. Defaults to True.
+        dynamic_spatial: also export height and width as symbolic (one file for every image size; needs a dynamic
+            batch), verified at the requested size and a second one. Defaults to False.
         opset: ONNX opset, 18-23 (18: deformable convs as standard ops). Defaults to 20.
         lowering: how ``deploykit::`` ops export: "auto" (their standard-op lowering where it applies, e.g. a
             static batch folded into conv groups, else the custom node), "custom" (always the node, e.g. for
             TensorRT plugins) or "standard" (standard ops only; fails where none exists). Defaults to "auto".
-        inputs: ``.npz`` file with the verification inputs. Defaults to seeded random normal inputs.
+        inputs: ``.npz`` file with the verification inputs. Defaults to seeded random images.
+        images: image files or directories (JPEG/PNG/WebP/BMP) to verify on instead: resized, centre-cropped and
+            normalised as the model expects (`deploykit.images`). Defaults to None.
+        mean, std: per-channel normalisation of `images` (pixel values in [0, 1]). Default to the zoo model's own
+            preprocessing, ImageNet's statistics for other models.
         seed: seed of the random inputs. Defaults to 0.
         rtol, atol: verification tolerances (see `deploykit.verify`). Default to 1e-4 and ``rtol * max|output|``.
         providers: onnxruntime execution providers, e.g. ["cpu"]. Defaults to the best available.
@@ -38,8 +44,15 @@ class ExportConfig:
         fp16: build the engine with FP16 kernels allowed (checked at `FP16_RTOL`). Defaults to False (FP32).
         plugins: deploykit's TensorRT plugin library. Defaults to $DEPLOYKIT_PLUGINS, else
             ``plugins/build/libdeploykit_plugins.so`` of a source checkout.
-        max_batch: largest batch the engine's optimisation profile accepts (dynamic batch only). Defaults to the
-            largest verification batch.
+        min_shape, max_shape: the engine's optimisation profile bounds (full shapes). Default to batch 1 (and the
+            model's smallest size with `dynamic_spatial`) up to the largest verification shape.
+        max_batch: largest batch the engine's optimisation profile accepts (dynamic batch only), and Triton's
+            ``max_batch_size``. Defaults to the largest verification batch for the engine, 8 for Triton.
+        triton_repo: after a passed verification, write a Triton model repository here (`deploykit.serving`).
+            Defaults to None (none).
+        triton_name: the model's name in that repository. Defaults to the arch.
+        triton_instance: where Triton's onnxruntime backend runs the model, "cpu" or "gpu". Defaults to "cpu".
+        force: write the Triton repository even when the verdict is "failed" or "inconclusive". Defaults to False.
         verbose: debug logging and the exporter's own diagnostics.
     """
 
@@ -48,9 +61,13 @@ class ExportConfig:
     output_dir: str | os.PathLike | None = None
     input_shape: tuple[int, ...] | None = None
     dynamic_batch: bool | None = None
+    dynamic_spatial: bool = False
     opset: int | None = None
     lowering: str | None = None
     inputs: str | os.PathLike | None = None
+    images: list[str | os.PathLike] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     seed: int | None = None
     rtol: float | None = None
     atol: float | None = None
@@ -61,6 +78,12 @@ class ExportConfig:
     fp16: bool = False
     plugins: str | os.PathLike | None = None
     max_batch: int | None = None
+    min_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
+    triton_repo: str | os.PathLike | None = None
+    triton_name: str | None = None
+    triton_instance: str | None = None
+    force: bool = False
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -74,10 +97,45 @@ class ExportConfig:
                 raise DeployError(f"{name} must be a non-negative number, got {value}.")
         if self.inputs is not None:
             self.inputs = Path(self.inputs)
-        if (self.fp16 or self.plugins is not None or self.max_batch is not None) and not self.engine:
-            raise DeployError("fp16, plugins and max_batch configure the TensorRT engine; ask for one with --engine.")
+        if isinstance(self.images, (str, os.PathLike)):
+            self.images = [self.images]
+        if self.images is not None:
+            self.images = [Path(p) for p in self.images]
+            if self.inputs is not None:
+                raise DeployError("--inputs and --images both give the verification inputs; pass one of them.")
+        if (self.mean is not None or self.std is not None) and self.images is None:
+            raise DeployError("--mean and --std normalise --images; pass the images too.")
+        if (self.fp16 or self.plugins is not None or self.min_shape is not None or self.max_shape is not None) \
+                and not self.engine:
+            raise DeployError("fp16, plugins, min_shape and max_shape configure the TensorRT engine; ask for one with "
+                              "--engine.")
+        if self.dynamic_spatial and self.dynamic_batch is False:
+            raise DeployError("--dynamic-spatial needs a dynamic batch (with a static batch, dynamic convs fold the "
+                              "batch into size-specific conv groups); drop --static-batch.")
+        if self.max_batch is not None and self.max_shape is not None and self.max_batch != self.max_shape[0]:
+            raise DeployError(f"--max-batch {self.max_batch} contradicts --max-shape, whose batch is "
+                              f"{self.max_shape[0]}; pass one of them.")
+        if self.max_batch is not None and not (self.engine or self.triton_repo is not None):
+            raise DeployError("max_batch is the largest batch of the TensorRT engine or the Triton model; ask for "
+                              "one with --engine or --triton-repo.")
+        if (self.triton_name is not None or self.triton_instance is not None or self.force) and \
+                self.triton_repo is None:
+            raise DeployError("--triton-name, --triton-instance and --force configure the Triton repository; name "
+                              "it with --triton-repo.")
         if self.max_batch is not None and self.max_batch < 1:
             raise DeployError(f"max_batch must be at least 1, got {self.max_batch}.")
+        if self.opset is not None:
+            from deploykit.export.onnx import SUPPORTED_OPSETS
+
+            if self.opset not in SUPPORTED_OPSETS:
+                raise DeployError(f"--opset {self.opset} is not supported: pass an opset from "
+                                  f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1} (torch's exporter "
+                                  f"emits no lower opset).")
+        if self.threads is not None and self.threads < 1:
+            raise DeployError(f"--threads must be at least 1, got {self.threads}.")
+        if self.seed is not None and (self.inputs is not None or self.images is not None):
+            raise DeployError("--seed seeds the random verification inputs, but --inputs or --images gives them; "
+                              "drop --seed.")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -90,3 +148,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if any(d < 1 for d in shape):
         raise DeployError(f"Input shape {text!r} is invalid: every dimension must be >= 1.")
     return shape
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """Parse "0.485,0.456,0.406" into a tuple of floats."""
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise DeployError(f"{text!r} is not a comma-separated list of numbers such as 0.485,0.456,0.406.") from None

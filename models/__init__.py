@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from deploykit.errors import DeployError
+from deploykit.images import FACE_BGR, IMAGENET, INCEPTION, Preprocessing
 from deploykit.inputs import structured_noise
 
 from . import acmix, dcn, dyconv, efficientnet_cc, odconv, scnet, tvconv
@@ -28,13 +29,29 @@ class ModelSpec:
     input_shape: tuple[int, ...]  # one sample, without the batch dimension
     summary: str
     fixed_size: bool = False  # the model takes only `input_shape` (e.g. TVConv's per-pixel weights)
+    min_size: int = 32  # the smallest height and width it takes, and the least a dynamic spatial export accepts
+    min_size_reason: str | None = None  # why, when smaller inputs fail: then they are refused before running it
+    static_spatial: str | None = None  # why one file cannot serve every input size, if it cannot (see
+    #                                    `check_dynamic_spatial`); fixed-size models cannot either
+    preprocessing: Preprocessing = IMAGENET  # how its evaluation images are made (`export.py --images`)
 
+
+# SCConv's calibration branch average-pools by 4 at the last stage (1/32 of the input): 128 = 32 * 4.
+_SCNET_MIN_SIZE = 128
+_SCNET_REASON = "SCConv pools by 4 at 1/32 of the input, so inputs must be at least 128x128"
+_ACMIX_MIN_SIZE = 128
+_ACMIX_STATIC = ("its attention windows gather through index tables built for one feature-map size, and every "
+                 "stride needs H and W divisible by 32")
 
 MODELS: dict[str, ModelSpec] = {
-    "scnet50": ModelSpec(scnet.scnet50, (3, 224, 224), "SCNet-50, self-calibrated convs (MCG-NKU/SCNet)"),
-    "scnet50_v1d": ModelSpec(scnet.scnet50_v1d, (3, 224, 224), "SCNet-50 with ResNet-D stem and downsampling"),
-    "scnet101": ModelSpec(scnet.scnet101, (3, 224, 224), "SCNet-101, self-calibrated convs"),
-    "scnet101_v1d": ModelSpec(scnet.scnet101_v1d, (3, 224, 224), "SCNet-101 with ResNet-D stem and downsampling"),
+    "scnet50": ModelSpec(scnet.scnet50, (3, 224, 224), "SCNet-50, self-calibrated convs (MCG-NKU/SCNet)",
+                         min_size=_SCNET_MIN_SIZE, min_size_reason=_SCNET_REASON),
+    "scnet50_v1d": ModelSpec(scnet.scnet50_v1d, (3, 224, 224), "SCNet-50 with ResNet-D stem and downsampling",
+                             min_size=_SCNET_MIN_SIZE, min_size_reason=_SCNET_REASON),
+    "scnet101": ModelSpec(scnet.scnet101, (3, 224, 224), "SCNet-101, self-calibrated convs",
+                          min_size=_SCNET_MIN_SIZE, min_size_reason=_SCNET_REASON),
+    "scnet101_v1d": ModelSpec(scnet.scnet101_v1d, (3, 224, 224), "SCNet-101 with ResNet-D stem and downsampling",
+                              min_size=_SCNET_MIN_SIZE, min_size_reason=_SCNET_REASON),
     "od_resnet18": ModelSpec(odconv.od_resnet18, (3, 224, 224), "ResNet-18 with ODConv (1x), OSVAI/ODConv"),
     "od_resnet18_4x": ModelSpec(partial(odconv.od_resnet18, kernel_num=4), (3, 224, 224), "ResNet-18, ODConv (4x)"),
     "od_resnet50": ModelSpec(odconv.od_resnet50, (3, 224, 224), "ResNet-50 with ODConv (1x), OSVAI/ODConv"),
@@ -46,20 +63,40 @@ MODELS: dict[str, ModelSpec] = {
     "efficientnet_cc_b0_4e": ModelSpec(efficientnet_cc.efficientnet_cc_b0_4e, (3, 224, 224),
                                        "EfficientNet-B0 with CondConv, 4 experts (timm)"),
     "tf_efficientnet_cc_b0_4e": ModelSpec(efficientnet_cc.tf_efficientnet_cc_b0_4e, (3, 224, 224),
-                                          "EfficientNet-B0 CondConv, TF port (TF SAME padding, BN eps 1e-3)"),
+                                          "EfficientNet-B0 CondConv, TF port (TF SAME padding, BN eps 1e-3)",
+                                          preprocessing=INCEPTION,
+                                          static_spatial="TF 'SAME' padding of its strided CondConvs depends on "
+                                                         "the input size"),
     "dcn_resnet50": ModelSpec(dcn.dcn_resnet50, (3, 224, 224),
                               "ResNet-50, modulated deformable convs (DCNv2) in stages 3-5, mmdet keys"),
     "dcnv1_resnet50": ModelSpec(dcn.dcnv1_resnet50, (3, 224, 224),
                                 "ResNet-50, deformable convs v1 in stages 3-5, mmdet keys"),
     **{f"acmix_resnet{depth}": ModelSpec(getattr(acmix, f"acmix_resnet{depth}"), (3, 224, 224),
                                          f"ResNet-{depth} with ACmix bottleneck convs (LeapLabTHU/ACmix): k_att 7, "
-                                         f"4 heads") for depth in (26, 38, 50)},
+                                         f"4 heads", min_size=_ACMIX_MIN_SIZE, static_spatial=_ACMIX_STATIC)
+       for depth in (26, 38, 50)},
     "tvconv_mobilenet_v2": ModelSpec(tvconv.tvconv_mobilenet_v2, (3, 96, 96),
-                                     "MobileNetV2 1.0 with TVConv, face embedding (JierunChen/TVConv)", True),
+                                     "MobileNetV2 1.0 with TVConv, face embedding (JierunChen/TVConv)", True,
+                                     preprocessing=FACE_BGR),
     **{f"tvconv_mobilenet_v2_x0_{w}": ModelSpec(partial(tvconv.tvconv_mobilenet_v2, w / 10), (3, 96, 96),
-                                                f"MobileNetV2 {w / 10} with TVConv, face embedding", True)
+                                                f"MobileNetV2 {w / 10} with TVConv, face embedding", True,
+                                                preprocessing=FACE_BGR)
        for w in (1, 2, 3, 5)},
 }
+
+
+def check_dynamic_spatial(arch: str) -> int:
+    """The smallest height and width a dynamic spatial export of `arch` accepts; raises `DeployError` (one
+    sentence, with the reason) for a model whose file can only take the size it was exported at."""
+    spec = model_spec(arch)
+    if spec.fixed_size:
+        size = "x".join(map(str, spec.input_shape[1:]))
+        raise DeployError(f"{arch} cannot export a dynamic spatial size: its per-pixel weights are learned at "
+                          f"{size}, the only size it takes.")
+    if spec.static_spatial is not None:
+        raise DeployError(f"{arch} cannot export a dynamic spatial size: {spec.static_spatial}; export one file per "
+                          f"input size instead.")
+    return spec.min_size
 
 
 def model_spec(arch: str) -> ModelSpec:
@@ -197,4 +234,4 @@ def check_state_dict(arch: str, model: nn.Module, state_dict: Mapping[str, torch
     if misshaped:
         parts.append(f"{len(misshaped)} with another shape ({few(misshaped)})")
     raise DeployError(f"The checkpoint's state_dict does not fit {arch}: " + "; ".join(parts)
-                      + ". Check --arch, or that the checkpoint is for this architecture.")
+                      + "; check --arch, or that the checkpoint is for this architecture.")

@@ -88,3 +88,31 @@ def assert_export_matches(module: nn.Module, make_input, batches=(1, 2, 5), tole
             expected = module(x).numpy()
         assert rel_to_range(session.run(None, {"input": x.numpy()})[0], expected) <= tolerance
     return model
+
+
+def tiny_conv_net(seed: int = 0) -> nn.Module:
+    """Conv, ReLU, global pool, linear: exports in about a second and computes something no constant can fake."""
+    with torch.random.fork_rng():  # seeded weights without moving the caller's random stream
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 5)).eval()
+
+
+def export_tiny(module: nn.Module, batch: int = 2, dynamic_batch: bool = True):
+    """`module` exported as the pipeline does it (dynamo export, then the graph passes), 3x16x16 inputs."""
+    from deploykit.export.onnx import onnx_from_model
+    from deploykit.export.passes import run_passes
+
+    example = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return run_passes(onnx_from_model(module, example, dynamic_batch=dynamic_batch))[0]
+
+
+def assert_one_sentence(error: BaseException, *fragments: str) -> None:
+    """The error reads as one sentence (one line, one final full stop) and names the problem."""
+    import re
+
+    message = str(error)
+    assert "\n" not in message and message.endswith("."), message
+    assert not re.search(r"\.\s+[A-Z]", message), f"more than one sentence: {message}"
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

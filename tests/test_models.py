@@ -8,11 +8,9 @@ import torch
 
 from deploykit import ExportConfig, export_model
 from deploykit.models import MODELS, random_model
-from deploykit.export.onnx import onnx_from_model
 from deploykit.inputs import structured_noise
-from deploykit.export.passes import run_passes
 from deploykit.runtime.ort import session_from_onnx
-from deploykit.verify import rel_to_range
+from deploykit.verify import DEFAULT_RTOL, float64_copy, rel_to_range, sample_status
 
 
 def _conv(name: str, out_c: int, in_c: int, k: int) -> list[tuple[str, tuple]]:
@@ -120,47 +118,40 @@ def input_size(arch: str) -> int:
     return 128 if arch.startswith(("scnet", "acmix")) else 64
 
 
-# Random instances of these two are ill-conditioned in float32 on some small inputs: PyTorch's own fp32 output
-# differs from its fp64 output by 1e-4 (EfficientNet-CC at 64x64) up to 0.6 (OD-MobileNetV2 4x, where near-tied
-# kernel-attention softmaxes flip) of the range there, so no fp32 runtime can meet 1e-4 on every input. They are checked sample by sample: on
-# every sample that PyTorch computes stably (fp32 within 2e-5 of fp64) the deployed model must match PyTorch.
-# Random ACmix ResNets too: the error grows 3-7x per attention layer (fp32 vs fp64 of PyTorch itself: 2-3e-4 on
-# some 128x128 and 224x224 images; the official code behaves the same).
-ILL_CONDITIONED = {"efficientnet_cc_b0_4e", "od_mobilenetv2_100_4x", "acmix_resnet26", "acmix_resnet38",
-                   "acmix_resnet50"}
-# Same code paths as a smaller sibling in the default run: exported only with -m slow.
+# Same code paths as a smaller sibling in the default run (deeper or wider, or a stem of standard ops): exported
+# only with -m slow.
 SLOW = {"acmix_resnet38", "acmix_resnet50", "tvconv_mobilenet_v2", "tvconv_mobilenet_v2_x0_2",
-        "tvconv_mobilenet_v2_x0_3", "tvconv_mobilenet_v2_x0_5"}
+        "tvconv_mobilenet_v2_x0_3", "tvconv_mobilenet_v2_x0_5", "scnet101", "scnet101_v1d", "scnet50_v1d",
+        "od_resnet50_4x"}
 
 
 def zoo(archs) -> list:
     return [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in sorted(archs)]
 
 
-@pytest.mark.parametrize("arch", zoo(ILL_CONDITIONED))
-def test_ill_conditioned_models_are_as_accurate_as_pytorch(arch):
-    size = input_size(arch)
-    model = random_model(arch, input_shape=(3, size, size))
-    x = structured_noise(5, (3, size, size), torch.Generator().manual_seed(2))
-    onnx_model, _ = run_passes(onnx_from_model(model, x))
+def assert_as_accurate_as_pytorch(model, x: torch.Tensor, actual) -> None:
+    """The deployed outputs pass the float64-anchored rule (`deploykit.verify`) on every sample: none failed and at
+    least one passed. Random zoo models are ill-conditioned on some inputs (PyTorch's own float32 output is up to
+    0.6 of the range from float64 there), and a deep net's float32 noise is of the order of 1e-4 on some CPUs, so a
+    fixed margin against PyTorch's float32 output would test the machine, not the export."""
     with torch.no_grad():
         fp32 = model(x).numpy()
-        fp64 = model.double()(x.double()).numpy()
-    deployed = session_from_onnx(onnx_model, ["cpu"]).run(None, {"input": x.numpy()})[0]
-    stable = [n for n in range(len(x)) if rel_to_range(fp32[n], fp64[n]) <= 2e-5]
-    assert len(stable) >= 2
-    assert all(rel_to_range(deployed[n], fp32[n]) <= 1e-4 for n in stable)
+        fp64 = float64_copy(model)(x.double()).numpy()
+    statuses = [sample_status(rel_to_range(actual[n], fp64[n]), rel_to_range(fp32[n], fp64[n]), DEFAULT_RTOL)[0]
+                for n in range(len(x))]
+    assert "failed" not in statuses and "passed" in statuses, statuses
 
 
-@pytest.mark.parametrize("arch", zoo(set(MODELS) - ILL_CONDITIONED))
+@pytest.mark.parametrize("arch", zoo(MODELS))
 def test_export_verifies_in_onnxruntime_at_several_batch_sizes(arch, tmp_path):
     size = input_size(arch)
     model = random_model(arch, input_shape=(3, size, size))
     result = export_model(ExportConfig(model=model, arch=arch, input_shape=(1, 3, size, size), output_dir=tmp_path))
-    assert result.passed
-    checks = result.report["verification"]["outputs"]
-    assert [c["shape"][0] for c in checks] == [1, 2]  # the requested batch and one more, from one file
-    assert all(c["rel_to_range"] <= 1e-4 for c in checks)
+    verification = result.report["verification"]
+    assert result.verdict in ("passed", "inconclusive") and verification["counts"]["failed"] == 0
+    assert verification["reference"] == "float64"
+    assert [c["shape"][0] for c in verification["outputs"]] == [1, 2]  # the requested batch and one more, one file
+    assert len(verification["samples"]) == 3
 
     onnx_model = onnx.load(result.files["model.onnx"])
     assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -168,10 +159,8 @@ def test_export_verifies_in_onnxruntime_at_several_batch_sizes(arch, tmp_path):
         {"deploykit::DeformConv2d"} if arch.startswith("dcn") else set()
     assert set(result.report["export"]["custom_nodes"]) == custom
     x = structured_noise(3, (3, size, size), torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = model(x).numpy()
     actual = session_from_onnx(onnx_model, ["cpu"]).run(None, {"input": x.numpy()})[0]
-    assert rel_to_range(actual, expected) <= 1e-4
+    assert_as_accurate_as_pytorch(model, x, actual)
 
 
 def mmdet_resnet50_layout(offset_outputs: int, bias: bool) -> set[tuple[str, tuple]]:
@@ -259,3 +248,14 @@ def test_lightning_checkpoint_yields_its_network(tmp_path):
     checkpoint = load_checkpoint(path)
     assert checkpoint.state_dict.keys() == weights.keys() and "head" in checkpoint.metadata["note"]
     build_model("tvconv_mobilenet_v2_x0_1", checkpoint.arch_kwargs, checkpoint.state_dict)  # strict
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_every_zoo_model_exports_at_its_default_size_without_a_false_failure(arch, tmp_path):
+    """export.py's own defaults (native size, batch 1 and 2, seeded structured inputs) on a random checkpoint: the
+    verdict is passed, or inconclusive with every sample unstable, never failed."""
+    result = export_model(ExportConfig(model=random_model(arch), arch=arch, output_dir=tmp_path))
+    verification = result.report["verification"]
+    assert verification["counts"]["failed"] == 0, verification["samples"]
+    assert result.verdict == "passed" or verification["counts"]["unstable"] == len(verification["samples"])

@@ -48,10 +48,16 @@ def test_named_plugin_library_must_exist(tmp_path, monkeypatch):
 
 
 def test_profile_and_reproduce_commands():
-    shapes = trt.EngineShapes.for_batches((1, 3, 64, 48), [1, 2, 8], dynamic_batch=True)
+    shapes = trt.EngineShapes.spanning([(1, 3, 64, 48), (2, 3, 64, 48)], dynamic_batch=True, max_shape=(8, 3, 64, 48))
     assert (shapes.min, shapes.opt, shapes.max) == ((1, 3, 64, 48), (1, 3, 64, 48), (8, 3, 64, 48))
-    static = trt.EngineShapes.for_batches((4, 3, 64, 48), [4], dynamic_batch=False)
+    static = trt.EngineShapes.spanning([(4, 3, 64, 48)], dynamic_batch=False)
     assert static.min == static.opt == static.max == (4, 3, 64, 48)
+    spatial = trt.EngineShapes.spanning([(1, 3, 224, 224), (2, 3, 192, 256)], dynamic_batch=True, min_spatial=32)
+    assert (spatial.min, spatial.opt, spatial.max) == ((1, 3, 32, 32), (1, 3, 224, 224), (2, 3, 224, 256))
+    with pytest.raises(DeployError, match="keep its fixed dimensions"):
+        trt.EngineShapes.spanning([(1, 3, 64, 48)], dynamic_batch=True, max_shape=(8, 3, 96, 48))
+    with pytest.raises(DeployError, match="must contain every verification shape"):
+        trt.EngineShapes.spanning([(1, 3, 224, 224)], dynamic_batch=True, min_spatial=32, max_shape=(4, 3, 160, 160))
     polygraphy = shlex.split(trt.polygraphy_trt_command("model.onnx", "inputs.json", "torch_outputs.json", "input",
                                                        shapes, True, None, 0.01, 0.01))
     assert polygraphy[:4] == ["polygraphy", "run", "model.onnx", "--trt"] and "--fp16" in polygraphy

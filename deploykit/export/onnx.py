@@ -25,12 +25,17 @@ from deploykit.export.custom_op import LOWERINGS, CustomOp, attach_functions, re
 DEFAULT_OPSET = 20
 SUPPORTED_OPSETS = range(18, 24)
 BATCH_DIM_NAME = "batch"
+SPATIAL_DIM_NAMES = ("height", "width")
 # torch.export specialises a dynamic dimension whose example size is 0 or 1, so a dynamic batch is traced at 2.
 _TRACE_BATCH = 2
+# The smallest height/width a symbolic spatial dimension may take unless the caller says (sizes 0 and 1 would be
+# specialised). Zoo models give their own (`deploykit.models.ModelSpec.min_size`).
+_MIN_SPATIAL = 2
 
 
 def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], *, opset: int | None = None,
-                    dynamic_batch: bool | None = None, input_names: Sequence[str] = ("input",),
+                    dynamic_batch: bool | None = None, dynamic_spatial: bool | None = None,
+                    min_spatial: int | None = None, input_names: Sequence[str] = ("input",),
                     output_names: Sequence[str] = ("output",), custom_ops: Sequence[CustomOp] | None = None,
                     lowering: str | None = None, verbose: bool = False) -> onnx.ModelProto:
     """Export `model` (called on one tensor) to ONNX.
@@ -41,6 +46,10 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
             dynamic batch only their other dimensions are fixed.
         opset: default-domain opset, 18-23. Defaults to 20.
         dynamic_batch: leave dimension 0 symbolic (named "batch"). Defaults to True.
+        dynamic_spatial: also leave dimensions 2 and 3 of every (4-D) input symbolic, named "height" and "width".
+            Needs a dynamic batch (a static batch lets ops pick size-specific lowerings). Defaults to False.
+        min_spatial: the smallest height and width the exported file must accept (torch.export proves the graph
+            for every size from there up, and fails if the model cannot take one). Defaults to 2.
         input_names, output_names: ONNX graph input/output names. Default to ("input",) and ("output",).
         custom_ops: the ``deploykit::`` ops the model may call. Defaults to every registered variant's ops.
         lowering: how those ops export: "auto" (default) uses an op's standard-op lowering where it applies
@@ -56,6 +65,9 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
     if lowering not in LOWERINGS:
         raise DeployError(f"Lowering {lowering!r} is unknown; choose one of {', '.join(LOWERINGS)}.")
     dynamic_batch = True if dynamic_batch is None else dynamic_batch
+    if dynamic_spatial and not dynamic_batch:
+        raise DeployError("A dynamic spatial size needs a dynamic batch (with a static batch, dynamic convs fold "
+                          "the batch into size-specific conv groups); drop the static batch.")
     if opset not in SUPPORTED_OPSETS:
         raise DeployError(f"Opset {opset} is not supported; choose one of {SUPPORTED_OPSETS.start}-"
                           f"{SUPPORTED_OPSETS.stop - 1} (19 is the first with DeformConv; at 18 deformable convs "
@@ -63,12 +75,13 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
     if custom_ops is None:
         from deploykit.variants import custom_ops as registered_custom_ops
         custom_ops = registered_custom_ops()
+    check_exportable(model)
     examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     dynamic_shapes = None
     if dynamic_batch:
-        batch = torch.export.Dim(BATCH_DIM_NAME, min=1)
         examples = tuple(_with_batch(e, max(_TRACE_BATCH, e.shape[0])) for e in examples)
-        dynamic_shapes = tuple({0: batch} for _ in examples)
+        dynamic_shapes = _dynamic_shapes(examples, dynamic_spatial or False,
+                                         _MIN_SPATIAL if min_spatial is None else min_spatial)
     with registered_schemas(custom_ops), _quiet(not verbose):
         try:
             program = torch.onnx.export(
@@ -80,6 +93,34 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
             raise DeployError(f"torch.onnx could not export the model: {_summary(err)} (run with -v for the "
                               f"exporter's full report).") from err
     return attach_functions(program.model_proto, custom_ops, opset)
+
+
+def _dynamic_shapes(examples: tuple[torch.Tensor, ...], spatial: bool, min_spatial: int) -> tuple[dict, ...]:
+    """torch.export dims: the batch of every input and, if `spatial`, the height and width of every 4-D input
+    (one shared Dim each, so inputs of one image keep equal sizes)."""
+    batch = torch.export.Dim(BATCH_DIM_NAME, min=1)
+    if not spatial:
+        return tuple({0: batch} for _ in examples)
+    if min_spatial < _MIN_SPATIAL:
+        raise DeployError(f"The smallest spatial size to export must be at least {_MIN_SPATIAL}, not {min_spatial} "
+                          f"(torch.export specialises sizes 0 and 1).")
+    small = [f"{tuple(e.shape)}" for e in examples if e.dim() == 4 and min(e.shape[2:]) < min_spatial]
+    if small:
+        raise DeployError(f"The example input {small[0]} is smaller than the smallest spatial size to export "
+                          f"({min_spatial}); trace at {min_spatial} or more.")
+    height, width = (torch.export.Dim(name, min=min_spatial) for name in SPATIAL_DIM_NAMES)
+    return tuple({0: batch, 2: height, 3: width} if e.dim() == 4 else {0: batch} for e in examples)
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Refuse layers that export to ONNX nodes no runtime accepts, before the slow export."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ConvTranspose2d) and any(
+                p >= s for p, s in zip(module.output_padding, module.stride)):
+            raise DeployError(f"{name or 'The model'} is a ConvTranspose2d with output_padding {module.output_padding} "
+                              f"not smaller than its stride {module.stride}: PyTorch allows that when the dilation "
+                              f"is larger, but ONNX's ConvTranspose does not; lower output_padding below the stride "
+                              f"and pad the output instead.")
 
 
 def _with_batch(example: torch.Tensor, batch: int) -> torch.Tensor:

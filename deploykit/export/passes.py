@@ -5,9 +5,12 @@
    depend on a graph input are never touched.
    `check_folded` then asserts that no input-independent node is left: a deployed graph must not recompute
    weights on every run.
-2. `infer_shapes`: strict ONNX shape inference; ``deploykit::`` nodes are inferred through their function bodies.
-3. `check_custom_nodes`: every node outside the standard domains must carry a function body.
-4. `check`: ``onnx.checker.check_model(full_check=True)`` and an IR version onnxruntime accepts.
+2. `fold_batchnorm` (`deploykit/export/fold_batchnorm.py`): BatchNorms behind a ``deploykit::DynamicConv2d`` node,
+   or behind ODConv's filter-attention Mul, fold into the conv's kernel and bias banks (runtimes fuse only a
+   BatchNorm directly behind a standard Conv); exact, see that module for which shifts can move into the bias.
+3. `infer_shapes`: strict ONNX shape inference; ``deploykit::`` nodes are inferred through their function bodies.
+4. `check_custom_nodes`: every node outside the standard domains must carry a function body.
+5. `check`: ``onnx.checker.check_model(full_check=True)`` and an IR version onnxruntime accepts.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
 
 from deploykit.errors import DeployError
+from deploykit.export.fold_batchnorm import fold_batchnorm
 
 # onnxruntime 1.31 loads IR <= 13; the exporter writes 10 for opset 20. Newer IR is lowered to this.
 MAX_IR_VERSION = 10
 STANDARD_DOMAINS = ("", "ai.onnx")
+_FOLD_ROUNDS = 4
 
 
 @dataclass
@@ -56,6 +61,7 @@ def run_passes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
     before = GraphStats.of(model)
     model = fold_constants(model)
     check_folded(model)
+    model = fold_batchnorm(model)
     model = infer_shapes(model)
     check_custom_nodes(model)
     check(model)
@@ -69,13 +75,31 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     saved, GS_LOGGER.severity = GS_LOGGER.severity, GS_LOGGER.ERROR  # its size warnings would go to stdout
     try:
         graph = gs.import_onnx(model)
-        # "basic" partitioning folds what it can even if one node in a foldable region fails to evaluate.
-        graph.fold_constants(partitioning="basic", error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+        # "basic" partitioning folds what it can even if one node in a foldable region fails to evaluate. One round
+        # can leave a node whose input only became constant in that round (a ConstantOfShape of a folded shape, seen
+        # in the deformable-conv fallback), so fold until nothing changes.
+        for _ in range(_FOLD_ROUNDS):
+            nodes = len(graph.nodes)
+            graph.fold_constants(partitioning="basic", error_ok=True).cleanup(remove_unused_graph_inputs=False)
+            if len(graph.nodes) == nodes:
+                break
+        graph.toposort()
         folded = gs.export_onnx(graph, do_type_check=True)
     finally:
         GS_LOGGER.severity = saved
     _keep_model_fields(model, folded)
+    _keep_node_metadata(model, folded)
     return folded
+
+
+def _keep_node_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """graphsurgeon drops nodes' ``metadata_props``; put them back by node name. They hold the exporter's name
+    scopes (``pkg.torch.onnx.name_scopes``: the PyTorch module each node came from), which `deploykit.localize`
+    needs to name the module where a deployed model first diverges."""
+    metadata = {node.name: node.metadata_props for node in source.graph.node if node.name and node.metadata_props}
+    for node in target.graph.node:
+        if node.name in metadata and not node.metadata_props:
+            node.metadata_props.extend(metadata[node.name])
 
 
 def input_independent_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from deploykit.ops.dynamic_conv2d import dynamic_conv2d, register_neutral_inputs
+from deploykit.ops.dynamic_conv2d import check_groups, dynamic_conv2d, register_neutral_inputs
 
 
 def same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
@@ -57,6 +57,7 @@ class CondConv2d(nn.Module):
                  padding: str | int = "", dilation: int = 1, groups: int = 1, bias: bool = False,
                  num_experts: int = 4) -> None:
         super().__init__()
+        check_groups("CondConv2d", in_channels, out_channels, groups)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.groups, self.num_experts = groups, num_experts
         self.kernel_size, self.stride, self.dilation = (kernel_size,) * 2, (stride,) * 2, (dilation,) * 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deploykit.ops.dynamic_conv2d import dynamic_conv2d, register_neutral_inputs
+from deploykit.ops.dynamic_conv2d import check_groups, dynamic_conv2d, register_neutral_inputs
 
 
 class DyAttention(nn.Module):
@@ -43,8 +43,7 @@ class DyConv2d(nn.Module):
                  padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = True, K: int = 4,
                  temperature: float = 34, init_weight: bool = True) -> None:
         super().__init__()
-        if in_planes % groups:
-            raise ValueError(f"in_planes ({in_planes}) must be divisible by groups ({groups})")
+        check_groups("DyConv2d", in_planes, out_planes, groups)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.attention = DyAttention(in_planes, ratio, K, temperature)
         self.weight = nn.Parameter(torch.randn(K, out_planes, in_planes // groups, kernel_size, kernel_size))

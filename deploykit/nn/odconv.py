@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploykit.ops.dynamic_conv2d import dynamic_conv2d, register_neutral_inputs
+from deploykit.ops.dynamic_conv2d import check_groups, dynamic_conv2d, register_neutral_inputs
 
 
 class ODAttention(nn.Module):
@@ -64,6 +64,7 @@ class ODConv2d(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  dilation: int = 1, groups: int = 1, reduction: float = 0.0625, kernel_num: int = 4) -> None:
         super().__init__()
+        check_groups("ODConv2d", in_planes, out_planes, groups)
         self.kernel_size, self.stride, self.padding, self.dilation, self.groups = \
             kernel_size, stride, padding, dilation, groups
         self.kernel_num = kernel_num

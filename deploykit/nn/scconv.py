@@ -46,6 +46,9 @@ class SCConv(nn.Module):
         super().__init__()
         if inplanes != planes:
             raise ValueError(f"SCConv needs inplanes == planes (x gates its own k3 path); got {inplanes} and {planes}")
+        if padding != dilation:
+            raise ValueError(f"SCConv needs padding == dilation (its 3x3 k3 path must keep the input's size, which x "
+                             f"gates); got padding {padding} and dilation {dilation}")
         norm_layer = norm_layer or nn.BatchNorm2d
         self.k2 = nn.Sequential(nn.AvgPool2d(kernel_size=pooling_r, stride=pooling_r),
                                 *_conv3x3_bn(inplanes, planes, 1, padding, dilation, groups, norm_layer))

@@ -103,6 +103,14 @@ def dynamic_conv2d(x: torch.Tensor, weight: torch.Tensor, attention: torch.Tenso
     return _dynamic_conv2d(x, weight, attention, bias, spatial, list(stride), list(pads), list(dilation), groups)
 
 
+def check_groups(layer: str, in_channels: int, out_channels: int, groups: int) -> None:
+    """Refuse a channel split the kernel bank cannot have, in one sentence (instead of PyTorch's conv error at the
+    first forward)."""
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(f"{layer}: in ({in_channels}) and out ({out_channels}) channels must both be divisible by "
+                         f"groups ({groups})")
+
+
 def register_neutral_inputs(module: torch.nn.Module, kernels: int, out_channels: int, kernel_size: int) -> None:
     """Give `module` the op's neutral bias bank (`no_bias`, zeros [K, M]) and tap attention (`unit_taps`, ones
     [1, k, k]) for layers without them. Non-persistent buffers: they follow `.to()` but stay out of checkpoints."""

@@ -7,6 +7,8 @@ the session actually runs with.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from collections.abc import Sequence
 
 import onnx
@@ -17,6 +19,25 @@ from deploykit.errors import DeployError
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _SHORT_NAMES = {"trt": "TensorrtExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
                 "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+# Wheels that all install the same `onnxruntime` module: with two of them, each overwrites the other's files.
+ONNXRUNTIME_WHEELS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
+
+
+@functools.cache
+def check_one_onnxruntime() -> None:
+    """Refuse an install with two onnxruntime wheels (e.g. the base dependency plus onnxruntime-gpu), whose mixed
+    files load whichever provider library was written last."""
+    installed = []
+    for wheel in ONNXRUNTIME_WHEELS:
+        try:
+            importlib.metadata.version(wheel)
+            installed.append(wheel)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if len(installed) > 1:
+        keep = next((wheel for wheel in installed if wheel != "onnxruntime"), installed[-1])
+        raise DeployError(f"{', '.join(installed)} are installed together and overwrite each other's files: run "
+                          f"pip uninstall -y {' '.join(installed)} && pip install {keep}.")
 
 
 def resolve_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -25,6 +46,7 @@ def resolve_providers(requested: Sequence[str] | None = None) -> list[str]:
     Args:
         requested: e.g. ["cuda", "cpu"]. Defaults to every available provider among TensorRT, CUDA, CPU.
     """
+    check_one_onnxruntime()
     available = ort.get_available_providers()
     if not requested:
         return [p for p in PREFERRED_PROVIDERS if p in available]

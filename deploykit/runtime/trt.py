@@ -30,10 +30,10 @@ PLUGIN_LIBRARY_ENV = "DEPLOYKIT_PLUGINS"
 DEFAULT_PLUGIN_LIBRARY = PLUGINS_DIR / "build" / "libdeploykit_plugins.so"
 
 
-def require_tensorrt() -> str:
-    """TensorRT's version, or a DeployError saying in one sentence what is missing."""
+def require_tensorrt(purpose: str = "Building a TensorRT engine") -> str:
+    """TensorRT's version, or a DeployError saying in one sentence what is missing for `purpose`."""
     if importlib.util.find_spec("tensorrt") is None:
-        raise DeployError("Building a TensorRT engine needs TensorRT, which is not installed here: install TensorRT "
+        raise DeployError(f"{purpose} needs TensorRT, which is not installed here: install TensorRT "
                           f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} or newer (the `tensorrt` Python package) on a machine "
                           "with an NVIDIA GPU.")
     try:
@@ -68,12 +68,35 @@ class EngineShapes:
     max: tuple[int, ...]
 
     @classmethod
-    def for_batches(cls, shape: Sequence[int], batches: Sequence[int], dynamic_batch: bool) -> EngineShapes:
-        """Batch 1 to max(batches), tuned for the first, when the batch is dynamic; else exactly `shape`."""
-        rest = tuple(shape[1:])
+    def spanning(cls, shapes: Sequence[Sequence[int]], dynamic_batch: bool, min_spatial: int | None = None,
+                 min_shape: Sequence[int] | None = None, max_shape: Sequence[int] | None = None) -> EngineShapes:
+        """A profile tuned for the first of `shapes` (the verification inputs) that takes all of them: from batch 1
+        (and, with a dynamic spatial size, from `min_spatial` x `min_spatial`) up to the largest of each dimension;
+        exactly the first shape when the batch is static. `min_shape`/`max_shape` widen it (--min-shape,
+        --max-shape); a dimension the file fixes must keep its size."""
+        opt = tuple(shapes[0])
         if not dynamic_batch:
-            return cls(tuple(shape), tuple(shape), tuple(shape))
-        return cls((1, *rest), (batches[0], *rest), (max(batches), *rest))
+            return cls(opt, opt, opt)
+        dynamic = {0} | ({2, 3} if min_spatial is not None else set())
+        low = tuple(1 if d == 0 else min_spatial if d in dynamic else size for d, size in enumerate(opt))
+        high = tuple(max(shape[d] for shape in shapes) for d in range(len(opt)))
+        for given, name in ((min_shape, "--min-shape"), (max_shape, "--max-shape")):
+            if given is None:
+                continue
+            given = tuple(given)
+            fixed = [d for d in range(len(opt)) if d not in dynamic and (len(given) != len(opt) or given[d] != opt[d])]
+            if len(given) != len(opt) or fixed:
+                raise DeployError(f"{name} {'x'.join(map(str, given))} must have the input's rank {len(opt)} and "
+                                  f"keep its fixed dimensions ({'x'.join(map(str, opt))} with "
+                                  f"{'batch, height and width' if min_spatial else 'only the batch'} free).")
+        low, high = tuple(min_shape or low), tuple(max_shape or high)
+        smallest = low if min_spatial is None else (1, opt[1], min_spatial, min_spatial)
+        if any(lo < floor for lo, floor in zip(low, smallest)) or any(lo > hi for lo, hi in zip(low, high)) or \
+                any(not lo <= s <= hi for shape in shapes for lo, s, hi in zip(low, shape, high)):
+            raise DeployError(f"The TensorRT profile {'x'.join(map(str, low))} to {'x'.join(map(str, high))} must "
+                              f"contain every verification shape and start at {'x'.join(map(str, smallest))} or "
+                              f"above.")
+        return cls(low, opt, high)
 
 
 def build_engine(model: bytes, input_name: str, shapes: EngineShapes, fp16: bool = False,

@@ -1,0 +1,108 @@
+"""Real images as verification inputs: read, resize, centre-crop, normalise, batch.
+
+Synthetic inputs can be out of distribution for a trained network (a calibrated SCNet-50 blew up on random images
+while it was well-behaved on photos), so users verify on their own images: ``export.py --images DIR``. The
+preprocessing is the evaluation transform the model was trained with: each zoo model carries its own
+(`Preprocessing`, e.g. ImageNet statistics, or the TVConv face model's [-1, 1] scaling of BGR images), and
+``--mean``/``--std`` override it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deploykit.errors import DeployError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's evaluation images are made from a photo.
+
+    Attributes:
+        mean, std: per-channel statistics applied to pixel values in [0, 1].
+        crop_fraction: the centre crop is this fraction of the resized image (timm's ``crop_pct``: resize the
+            shorter side to size / 0.875, crop size); 1.0 resizes the whole image to the input size.
+        channel_order: "RGB", or "BGR" for models trained on OpenCV-loaded images.
+    """
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_fraction: float = 0.875
+    channel_order: str = "RGB"
+
+    def with_statistics(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> Preprocessing:
+        """This preprocessing with the user's --mean / --std where given."""
+        return Preprocessing(tuple(mean) if mean else self.mean, tuple(std) if std else self.std, self.crop_fraction,
+                             self.channel_order)
+
+
+IMAGENET = Preprocessing()
+INCEPTION = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # timm's tf_* ports
+# JierunChen/TVConv face_recognition: aligned 96x96 faces read with cv2.imread (BGR), ToTensor, Normalize(0.5, 0.5).
+FACE_BGR = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_fraction=1.0, channel_order="BGR")
+
+
+def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files named by `paths`: files as given, directories' images (by suffix) in name order."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise DeployError(f"--images: {path} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DeployError(f"--images: {path} does not exist.")
+    return files
+
+
+def load_images(paths: Sequence[str | os.PathLike], shape: Sequence[int], preprocessing: Preprocessing = IMAGENET
+                ) -> np.ndarray:
+    """The images at `paths` as one float32 batch [N, C, H, W] for an input of `shape` (C, H, W), C 1 or 3."""
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise DeployError(f"--images needs a model input with 1 or 3 channels, not {channels}.")
+    for name, stats in (("--mean", preprocessing.mean), ("--std", preprocessing.std)):
+        if len(stats) not in (1, channels):
+            raise DeployError(f"{name} has {len(stats)} values; the model input has {channels} channels.")
+    if not all(s > 0 for s in preprocessing.std):
+        raise DeployError(f"--std values must be positive, got {', '.join(map(str, preprocessing.std))}.")
+    batch = np.stack([_image(path, channels, height, width, preprocessing) for path in image_files(paths)])
+    mean = np.asarray(preprocessing.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(preprocessing.std, dtype=np.float32).reshape(-1, 1, 1)
+    return np.ascontiguousarray((batch - mean) / std, dtype=np.float32)
+
+
+def _image(path: Path, channels: int, height: int, width: int, preprocessing: Preprocessing) -> np.ndarray:
+    """One image as [C, H, W] in [0, 1]: resized so the crop covers crop_fraction of it, centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            scale = max(height / image.height, width / image.width) / preprocessing.crop_fraction
+            if preprocessing.crop_fraction == 1.0:
+                resized = image.resize((width, height), Image.Resampling.BILINEAR)
+            else:
+                size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+                resized = image.resize(size, Image.Resampling.BILINEAR)
+            left, top = (resized.width - width) // 2, (resized.height - height) // 2
+            pixels = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        reason = str(err).split(" (", 1)[0].rstrip(".") if str(err) else type(err).__name__
+        raise DeployError(f"--images: {path} is not a readable image ({reason}).") from None
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    if preprocessing.channel_order == "BGR":
+        pixels = pixels[:, :, ::-1]
+    return pixels.transpose(2, 0, 1)
