@@ -129,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
         model=args.model, arch=args.arch, output_dir=args.output_dir, input_shape=args.input_shape,
-        dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial, opset=args.opset, lowering=args.lowering, inputs=args.inputs,
-        images=args.images, mean=args.mean, std=args.std,
+        dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial, opset=args.opset,
+        lowering=args.lowering, inputs=args.inputs, images=args.images, mean=args.mean, std=args.std,
         seed=args.seed, rtol=args.rtol, atol=args.atol,
         providers=args.providers.split(",") if args.providers else None, threads=args.threads,
         trust_pickle=args.trust_pickle, engine=args.engine, fp16=args.fp16, plugins=args.plugins,
-        max_batch=args.max_batch, min_shape=args.min_shape, max_shape=args.max_shape, triton_repo=args.triton_repo, triton_name=args.triton_name,
-        triton_instance=args.triton_instance, force=args.force, verbose=args.verbose)
+        max_batch=args.max_batch, min_shape=args.min_shape, max_shape=args.max_shape, triton_repo=args.triton_repo,
+        triton_name=args.triton_name, triton_instance=args.triton_instance, force=args.force, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,8 +63,8 @@ class Divergence:
         nodes = ", ".join(self.onnx_nodes[:3]) + (" ..." if len(self.onnx_nodes) > 3 else "")
         call = f" (call {self.call + 1})" if self.call else ""
         return (f"first divergence: {where}{call} ({self.module_class}; ONNX {nodes}): output {self.e_dep:.2g} of "
-                f"its range from float64 (bound {self.bound:.2g}{reference}) on sample {self.sample} of verification batch "
-                f"{self.iteration}")
+                f"its range from float64 (bound {self.bound:.2g}{reference}) on sample {self.sample} of verification "
+                f"batch {self.iteration}")
 
 
 def node_module_calls(node: onnx.NodeProto, key: str | None = None) -> list[ModuleCall]:
@@ -157,7 +157,8 @@ def first_divergence(model: nn.Module, onnx_model: onnx.ModelProto, feed: Feed, 
         e_dep, value, producer = min(matching)
         e_ref = rel_to_range(pick(actual32), pick(expected)) if float64 else None
         if e_ref is not None:
-            e_ref = max([e_ref] + [rel_to_range(pick(probe[call]), pick(expected)) for probe in probes if call in probe])
+            nudged_errors = [rel_to_range(pick(probe[call]), pick(expected)) for probe in probes if call in probe]
+            e_ref = max([e_ref, *nudged_errors])
         status, bound = sample_status(e_dep, e_ref, tolerance)
         if status == FAILED:
             return Divergence(module=call[0], module_class=classes.get(call[0], "?"), call=call[1], onnx_value=value,

@@ -87,7 +87,8 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
             program = torch.onnx.export(
                 model, examples, dynamo=True, opset_version=opset, input_names=list(input_names),
                 output_names=list(output_names), dynamic_shapes=dynamic_shapes, external_data=False,
-                custom_translation_table={op.torch_op: op.translation(lowering, opset) for op in custom_ops}, verbose=verbose,
+                custom_translation_table={op.torch_op: op.translation(lowering, opset) for op in custom_ops},
+                verbose=verbose,
                 report=False, optimize=True)
         except Exception as err:  # the exporter raises many types; all mean "this model did not export"
             raise DeployError(f"torch.onnx could not export the model: {_summary(err)} (run with -v for the "

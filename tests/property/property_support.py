@@ -24,6 +24,8 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from deploykit.verify import rel_to_range
+
 PROFILES = ("ci", "fuzz")
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in PROFILES:
@@ -136,12 +138,6 @@ def randomize(module: nn.Module, seed: int, scale: float | None = None) -> nn.Mo
     return module
 
 
-def rel_to_range(actual, expected) -> float:
-    from deploykit.verify import rel_to_range as measure
-
-    return measure(actual, expected)
-
-
 def assert_close_to_reference(actual: torch.Tensor | np.ndarray, expected: np.ndarray, what: str,
                               tolerance: float = TOLERANCE) -> None:
     actual = actual.detach().numpy() if isinstance(actual, torch.Tensor) else actual
@@ -165,6 +161,14 @@ class Case:
 
     def input(self, batch: int) -> torch.Tensor:
         return self.inputs.make((batch, *self.shape), batch_seed=batch)
+
+
+def assert_case_matches_spec(case: Case, batch: int, spec) -> None:
+    """A drawn layer's float32 output at `batch` against its variant's float64 reference (`VariantSpec`)."""
+    x = case.input(batch)
+    with torch.no_grad():
+        actual = case.module(x)
+    assert_close_to_reference(actual, spec.reference(case.module, x.double().numpy()), case.description)
 
 
 class _Group(nn.Module):

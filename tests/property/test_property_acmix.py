@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from deploykit.nn import ACmix
 from deploykit.ops.acmix import SPEC
-from property_support import (MARKS, Case, assert_close_to_reference, assert_group_exports, batches, export_settings,
+from property_support import (MARKS, Case, assert_case_matches_spec, assert_group_exports, batches, export_settings,
                               input_specs, module_settings, randomize, seeds)
 
 pytestmark = MARKS
@@ -42,10 +42,7 @@ def cases(draw):
 @module_settings(ci=20)
 @given(case=cases(), batch=batches)
 def test_module_matches_float64_reference(case, batch):
-    x = case.input(batch)
-    with torch.no_grad():
-        actual = case.module(x)
-    assert_close_to_reference(actual, SPEC.reference(case.module, x.double().numpy()), case.description)
+    assert_case_matches_spec(case, batch, SPEC)
 
 
 @export_settings(ci=2, fuzz=63)

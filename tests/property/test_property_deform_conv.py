@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 from deploykit.nn import DeformConv2d, ModulatedDeformConv2d
 from deploykit.ops.deform_conv import SPEC
 from deploykit.ops.deform_conv2d import deform_conv2d, deform_conv2d_reference, output_size
-from property_support import (MARKS, Case, assert_close_to_reference, assert_group_exports, batches,
-                              channel_groups, export_settings, input_specs, min_input, module_settings, seeds,
+from property_support import (MARKS, Case, assert_case_matches_spec, assert_close_to_reference, assert_group_exports,
+                              batches, channel_groups, export_settings, input_specs, min_input, module_settings, seeds,
                               size_at_least)
 
 pytestmark = MARKS
@@ -160,10 +160,7 @@ def test_functional_matches_float64_formula(config, seed, inputs, batch):
 @module_settings(ci=20)
 @given(case=cases(("pack",)), batch=batches)
 def test_pack_layers_match_float64_reference(case, batch):
-    x = case.input(batch)
-    with torch.no_grad():
-        actual = case.module(x)
-    assert_close_to_reference(actual, SPEC.reference(case.module, x.double().numpy()), case.description)
+    assert_case_matches_spec(case, batch, SPEC)
 
 
 @export_settings(ci=3, fuzz=63)

@@ -4,13 +4,12 @@ the gate needs), pooling rate 1-5, batch 1-4, non-square sizes from the pooling 
 
 from __future__ import annotations
 
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from deploykit.nn import SCConv
 from deploykit.ops.scconv import SPEC
-from property_support import (MARKS, Case, assert_close_to_reference, assert_group_exports, batches, export_settings,
+from property_support import (MARKS, Case, assert_case_matches_spec, assert_group_exports, batches, export_settings,
                               input_specs, module_settings, randomize, seeds, size_at_least)
 
 pytestmark = MARKS
@@ -32,10 +31,7 @@ def cases(draw):
 @module_settings(ci=20)
 @given(case=cases(), batch=batches)
 def test_module_matches_float64_reference(case, batch):
-    x = case.input(batch)
-    with torch.no_grad():
-        actual = case.module(x)
-    assert_close_to_reference(actual, SPEC.reference(case.module, x.double().numpy()), case.description)
+    assert_case_matches_spec(case, batch, SPEC)
 
 
 @export_settings(ci=2, fuzz=63)
