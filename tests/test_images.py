@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import skimage.data as skdata  # its wheel ships real photos (a test dependency)
 from PIL import Image
 
 from deploykit import DeployError, ExportConfig, export_model
 from deploykit.images import FACE_BGR, IMAGENET, Preprocessing, image_files, load_images
 
-skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the real photos these tests use")
 ROOT = Path(__file__).resolve().parents[1]
 
 

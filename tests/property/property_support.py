@@ -6,7 +6,8 @@ Profiles (selected with the environment variable ``HYPOTHESIS_PROFILE``, default
 - ``ci``: deterministic (``derandomize=True``), modest example counts, no deadline; part of ``python -m pytest``.
 - ``fuzz``: random seeds, >= 500 configurations per family, no deadline. Every test in tests/property then carries
   the ``fuzz`` marker, which the default ``-m 'not ... and not fuzz'`` deselects, so run it as
-  ``HYPOTHESIS_PROFILE=fuzz python -m pytest -m fuzz tests/property`` (one family: ``tests/property/test_property_<f>.py``).
+  ``HYPOTHESIS_PROFILE=fuzz python -m pytest -m fuzz tests/property`` (one family:
+  ``tests/property/test_property_<f>.py``).
 
 Neither profile writes an example database (``database=None``): nothing lands in the checkout. A failing example is
 printed with its ``@reproduce_failure`` blob (``print_blob=True``).
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -169,6 +170,24 @@ def assert_case_matches_spec(case: Case, batch: int, spec) -> None:
     with torch.no_grad():
         actual = case.module(x)
     assert_close_to_reference(actual, spec.reference(case.module, x.double().numpy()), case.description)
+
+
+def variant_tests(cases, spec, family: str, module_ci: int = 20, export_ci: int = 2, export_fuzz: int = 63):
+    """The two property tests of a variant whose layers export as standard ops: (a) module vs its float64 `spec`
+    reference, (b) grouped export vs onnxruntime. `cases` is the variant's strategy of `Case`s. A module assigns
+    them to its own ``test_*`` names so pytest collects them there."""
+
+    @module_settings(ci=module_ci)
+    @given(case=cases(), batch=batches)
+    def module_matches_float64_reference(case, batch):
+        assert_case_matches_spec(case, batch, spec)
+
+    @export_settings(ci=export_ci, fuzz=export_fuzz)
+    @given(group=st.lists(cases(), min_size=8, max_size=8))
+    def grouped_export_matches_at_other_batches(group):
+        assert_group_exports(family, group, deploykit_nodes=0)
+
+    return module_matches_float64_reference, grouped_export_matches_at_other_batches
 
 
 class _Group(nn.Module):

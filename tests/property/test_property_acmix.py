@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
 
 from deploykit.nn import ACmix
 from deploykit.ops.acmix import SPEC
-from property_support import (MARKS, Case, assert_case_matches_spec, assert_group_exports, batches, export_settings,
-                              input_specs, module_settings, randomize, seeds)
+from property_support import (MARKS, Case, input_specs, randomize, seeds, variant_tests)
 
 pytestmark = MARKS
 FAMILY = "acmix"
@@ -39,16 +37,7 @@ def cases(draw):
     return Case(module.eval(), (in_planes, *size), draw(input_specs), f"ACmix {config}")
 
 
-@module_settings(ci=20)
-@given(case=cases(), batch=batches)
-def test_module_matches_float64_reference(case, batch):
-    assert_case_matches_spec(case, batch, SPEC)
-
-
-@export_settings(ci=2, fuzz=63)
-@given(group=st.lists(cases(), min_size=8, max_size=8))
-def test_grouped_export_matches_at_other_batches(group):
-    assert_group_exports(FAMILY, group, deploykit_nodes=0)
+test_module_matches_float64_reference, test_grouped_export_matches_at_other_batches = variant_tests(cases, SPEC, FAMILY)
 
 
 @pytest.mark.parametrize("size, message", [((7, 8), "divisible by 2"), ((2, 8), "must exceed 3")])

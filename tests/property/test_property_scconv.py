@@ -4,13 +4,11 @@ the gate needs), pooling rate 1-5, batch 1-4, non-square sizes from the pooling 
 
 from __future__ import annotations
 
-from hypothesis import given
 from hypothesis import strategies as st
 
 from deploykit.nn import SCConv
 from deploykit.ops.scconv import SPEC
-from property_support import (MARKS, Case, assert_case_matches_spec, assert_group_exports, batches, export_settings,
-                              input_specs, module_settings, randomize, seeds, size_at_least)
+from property_support import (MARKS, Case, input_specs, randomize, seeds, size_at_least, variant_tests)
 
 pytestmark = MARKS
 FAMILY = "scconv"
@@ -28,16 +26,7 @@ def cases(draw):
     return Case(module.eval(), (channels, *size), draw(input_specs), f"SCConv {config}")
 
 
-@module_settings(ci=20)
-@given(case=cases(), batch=batches)
-def test_module_matches_float64_reference(case, batch):
-    assert_case_matches_spec(case, batch, SPEC)
-
-
-@export_settings(ci=2, fuzz=63)
-@given(group=st.lists(cases(), min_size=8, max_size=8))
-def test_grouped_export_matches_at_other_batches(group):
-    assert_group_exports(FAMILY, group, deploykit_nodes=0)
+test_module_matches_float64_reference, test_grouped_export_matches_at_other_batches = variant_tests(cases, SPEC, FAMILY)
 
 
 def test_padding_other_than_the_dilation_is_refused_in_one_sentence():

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
 
 from deploykit.nn import TVConv
 from deploykit.ops.tvconv import SPEC
-from property_support import (MARKS, Case, assert_case_matches_spec, assert_group_exports, batches, export_settings,
-                              input_specs, module_settings, seeds)
+from property_support import (MARKS, Case, input_specs, seeds, variant_tests)
 
 pytestmark = MARKS
 FAMILY = "tvconv"
@@ -32,16 +30,7 @@ def cases(draw):
     return Case(layer.eval(), (config["channels"], *layer.input_size), draw(input_specs), f"TVConv {config}")
 
 
-@module_settings(ci=20)
-@given(case=cases(), batch=batches)
-def test_module_matches_float64_reference(case, batch):
-    assert_case_matches_spec(case, batch, SPEC)
-
-
-@export_settings(ci=2, fuzz=63)
-@given(group=st.lists(cases(), min_size=8, max_size=8))
-def test_grouped_export_matches_at_other_batches(group):
-    assert_group_exports(FAMILY, group, deploykit_nodes=0)
+test_module_matches_float64_reference, test_grouped_export_matches_at_other_batches = variant_tests(cases, SPEC, FAMILY)
 
 
 def test_refuses_an_even_kernel():
