@@ -39,6 +39,10 @@ from deploykit.runtime.ort import session_from_onnx
 from deploykit.verify import rel_to_range
 
 FOLD_MODELS = ("od_resnet50", "od_resnet18", "dy_resnet18", "efficientnet_cc_b0_4e")
+# A pause before each timed call: onnxruntime's intra-op threads keep spinning for a while after a run, and on a
+# 2-core machine they would steal the cores from whichever runtime is timed next (measured: the second of two
+# identical-cost ORT sessions then ran 1.4-1.7x slower).
+_SETTLE_S = 0.05
 
 
 def interleaved_ms(runtimes: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, tuple[float, float]]:
@@ -50,6 +54,7 @@ def interleaved_ms(runtimes: dict[str, Callable[[], object]], runs: int, warmup:
     samples: dict[str, list[float]] = {name: [] for name in runtimes}
     for _ in range(runs):
         for name, fn in runtimes.items():
+            time.sleep(_SETTLE_S)
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
