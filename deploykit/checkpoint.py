@@ -200,7 +200,8 @@ def _as_float32(checkpoint: Checkpoint) -> Checkpoint:
     state_dict = checkpoint.state_dict
     for key, value in state_dict.items():
         if isinstance(value, torch.Tensor) and value.dtype in _HALF_DTYPES:
-            counts[str(value.dtype).removeprefix("torch.")] = counts.get(str(value.dtype).removeprefix("torch."), 0) + 1
+            dtype = str(value.dtype).removeprefix("torch.")
+            counts[dtype] = counts.get(dtype, 0) + 1
             state_dict[key] = value.float()
     if counts:
         parts = [f"{n} {dtype}" for dtype, n in counts.items()]

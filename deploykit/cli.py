@@ -181,15 +181,15 @@ def _raise_on_sigterm():
         return None
 
 
-def _floats(text: str):
-    try:
-        return parse_floats(text)
-    except DeployError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _argument_type(parse):
+    """An argparse `type` from one of config's parsers: its DeployError becomes argparse's usage error."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except DeployError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
 
 
-def _shape(text: str):
-    try:
-        return parse_shape(text)
-    except DeployError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+_floats, _shape = _argument_type(parse_floats), _argument_type(parse_shape)

@@ -35,24 +35,16 @@ def partial_name(name: str) -> str:
     return f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
 
 
-def ensure_writable_dir(directory: str | os.PathLike) -> Path:
-    """Create `directory` if needed and prove it is writable, before any expensive work starts."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".deploykit-write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise DeployError(f"Output directory {directory} is not writable: {err.strerror or err}.") from None
-    return directory
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists: where creating it would start."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
 
 
 def check_writable_dir(directory: str | os.PathLike, option: str = "--output-dir") -> Path:
     """Prove, before any expensive work and without creating anything, that `directory` can be created or written:
     it is a directory already, or its nearest existing ancestor is a writable directory."""
     directory = Path(directory)
-    existing = next((path for path in (directory, *directory.parents) if path.exists()), Path("."))
+    existing = nearest_existing(directory)
     if not existing.is_dir():
         where = "it is a file" if existing == directory else f"{existing} is a file"
         raise DeployError(f"Output directory {directory} is not writable: {where}; choose another {option}.")

@@ -30,8 +30,8 @@ from deploykit.nn import DeformConv2d, ModulatedDeformConv2d
 from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
 from deploykit.serving.triton import check_triton_target, write_triton_repository
-from deploykit.verify import (FAILED, FP16_RTOL, PASSED, TorchReference, Verification, combined_verdict, compare,
-                              onnxrt_results, polygraphy_command, torch_reference)
+from deploykit.verify import (FAILED, FP16_RTOL, INSTABILITY_FACTOR, PASSED, TorchReference, Verification,
+                              combined_verdict, compare, onnxrt_results, polygraphy_command, torch_reference)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -206,14 +206,14 @@ def _log_verdict(runtime: str, check: Verification) -> None:
     """One line per check: the verdict, the worst sample against its bound, and why when inconclusive."""
     worst = check.worst
     pytorch = f", PyTorch float32 {worst.e_ref:.2g}" if worst.e_ref is not None else ""
-    counts = ", ".join(f"{n} {status}" for status, n in check.as_dict()["counts"].items() if n)
+    counts = ", ".join(f"{n} {status}" for status, n in check.counts.items() if n)
     LOGGER.info("%s: %s vs PyTorch %s, %s samples; worst: output %r sample %d of batch %d at %.2g of its range "
                 "(bound %.2g%s)", check.verdict.upper(), runtime, check.reference, counts, worst.output, worst.sample,
                 worst.iteration, worst.e_dep, worst.bound, pytorch)
     if check.verdict == "inconclusive":
         LOGGER.info("  every input is unstable for this network in float32 (PyTorch's own float32 output is more "
-                    "than 10 tolerances from float64), so no float32 runtime can be checked on it: verify on other "
-                    "inputs (--images, --inputs, --seed)")
+                    "than %g tolerances from float64), so no float32 runtime can be checked on it: verify on other "
+                    "inputs (--images, --inputs, --seed)", INSTABILITY_FACTOR)
     if check.first_divergence:
         LOGGER.info("  %s", check.first_divergence["summary"])
 
@@ -293,7 +293,7 @@ def _resolve_input_shape(requested: tuple[int, ...] | None, arch: str | None) ->
             size = "x".join(map(str, spec.input_shape))
             raise DeployError(f"{arch} takes only {size} inputs (its per-pixel weights are learned at that "
                               f"resolution), not {'x'.join(map(str, requested[1:]))}; only the batch may change.")
-        reason = getattr(spec, "min_size_reason", None)
+        reason = spec.min_size_reason if spec is not None else None
         if reason and len(requested) == 4 and min(requested[2:]) < spec.min_size:
             raise DeployError(f"{arch} cannot take an input of shape {'x'.join(map(str, requested))}: {reason}; "
                               f"pass a larger --input-shape.")

@@ -148,6 +148,10 @@ class Verification:
         return self.verdict == PASSED
 
     @property
+    def counts(self) -> dict[str, int]:
+        return {status: sum(s.status == status for s in self.samples) for status in (PASSED, FAILED, UNSTABLE)}
+
+    @property
     def polygraphy_passed(self) -> bool:
         return all(o.passed for o in self.outputs)
 
@@ -160,8 +164,7 @@ class Verification:
         return {"runner": self.runner, "reference": self.reference, "reference_note": self.reference_note,
                 "verdict": self.verdict, "passed": self.passed, "tolerance": self.tolerance,
                 "rule": {"reference_error_factor": REFERENCE_ERROR_FACTOR, "instability_factor": INSTABILITY_FACTOR},
-                "counts": {status: sum(s.status == status for s in self.samples)
-                           for status in (PASSED, FAILED, UNSTABLE)},
+                "counts": self.counts,
                 "samples": [asdict(s) for s in self.samples], "agreement": self.agreement,
                 "first_divergence": self.first_divergence, "polygraphy_passed": self.polygraphy_passed,
                 "replay_note": self.replay_note, "outputs": [asdict(o) for o in self.outputs]}

@@ -11,8 +11,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
-from conftest import assert_one_sentence, export_tiny, tiny_conv_net
+from conftest import DivergesWhenExported, assert_one_sentence, export_tiny, tiny_conv_net
 from tritonclient.grpc import model_config_pb2
 
 from deploykit import ExportConfig, export_model
@@ -333,18 +332,6 @@ def test_parse_config_rejects_what_triton_would():
 
 # --- through the pipeline (export_model / export.py) ------------------------------------------------------------
 
-class _Diverging(torch.nn.Module):
-    """Computes 1% differently when exported, so its verification fails."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = tiny_conv_net()
-
-    def forward(self, x):
-        y = self.net(x)
-        return y * 1.01 if torch.compiler.is_exporting() else y
-
-
 def test_a_passed_export_writes_a_repository_whose_model_runs(tmp_path):
     repo = tmp_path / "models"
     result = export_model(ExportConfig(model=tiny_conv_net(), input_shape=(1, 3, 16, 16), output_dir=tmp_path / "out",
@@ -362,7 +349,8 @@ def test_a_passed_export_writes_a_repository_whose_model_runs(tmp_path):
 @pytest.mark.parametrize("force", [False, True])
 def test_a_failed_verification_writes_no_repository_unless_forced(tmp_path, force):
     repo = tmp_path / "models"
-    result = export_model(ExportConfig(model=_Diverging().eval(), input_shape=(1, 3, 16, 16),
+    diverging = DivergesWhenExported(tiny_conv_net()).eval()
+    result = export_model(ExportConfig(model=diverging, input_shape=(1, 3, 16, 16),
                                        output_dir=tmp_path / "out", triton_repo=repo, force=force))
     assert result.verdict == "failed" and result.report["triton"]["written"] is force
     assert (repo / "model" / "config.pbtxt").is_file() is force and repo.exists() is force

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from polygraphy.comparator import RunResults
+from conftest import DivergesWhenExported
 from torch import nn
 
 import deploykit.nn as dnn
@@ -142,24 +143,12 @@ def test_a_one_percent_error_in_one_layer_always_fails(arch, size):
     assert FAILED in statuses and PASSED not in statuses, statuses
 
 
-class _DivergesWhenExported(nn.Module):
-    """Wraps a layer; its exported output is 1% off."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        y = self.inner(x)
-        return y * 1.01 if torch.compiler.is_exporting() else y
-
-
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                                  _DivergesWhenExported(nn.Conv2d(8, 8, 3, padding=1)), nn.ReLU(),
+                                  DivergesWhenExported(nn.Conv2d(8, 8, 3, padding=1)), nn.ReLU(),
                                   nn.Conv2d(8, 8, 3, padding=1))
         self.head = nn.Linear(8, 10)
 
@@ -173,10 +162,10 @@ def test_the_first_divergence_names_the_module_that_computes_differently(tmp_pat
     verification = result.report["verification"]
     assert result.verdict == FAILED and result.report["verdict"] == FAILED
     divergence = verification["first_divergence"]
-    assert divergence["module"] == "body.2" and divergence["class"] == "_DivergesWhenExported"
+    assert divergence["module"] == "body.2" and divergence["class"] == "DivergesWhenExported"
     assert divergence["e_dep"] == pytest.approx(0.01, rel=0.05) and divergence["e_dep"] > divergence["bound"]
     assert any(node.startswith("Mul ") for node in divergence["onnx_nodes"])
-    assert divergence["summary"].startswith("first divergence: body.2 (_DivergesWhenExported;")
+    assert divergence["summary"].startswith("first divergence: body.2 (DivergesWhenExported;")
     assert verification["polygraphy_passed"] is False
 
 
@@ -240,9 +229,9 @@ def test_the_first_divergence_inside_a_dynamic_conv_network():
     from deploykit.export.passes import run_passes
 
     model = copy.deepcopy(random_model("od_resnet18", input_shape=(3, 64, 64), calibration_batches=1))
-    model.layer3[0].conv2 = _DivergesWhenExported(model.layer3[0].conv2)
+    model.layer3[0].conv2 = DivergesWhenExported(model.layer3[0].conv2)
     x = structured_noise(2, (3, 64, 64), torch.Generator().manual_seed(0))
     exported, _ = run_passes(onnx_from_model(model, x))
     divergence = first_divergence(model, exported, {"input": x.numpy()}, 0, 1, TOL)
     assert divergence is not None and divergence.module == "layer3.0.conv2"
-    assert divergence.module_class == "_DivergesWhenExported" and divergence.e_dep == pytest.approx(0.01, rel=0.05)
+    assert divergence.module_class == "DivergesWhenExported" and divergence.e_dep == pytest.approx(0.01, rel=0.05)

@@ -26,6 +26,7 @@ from pathlib import Path
 import onnx
 
 from deploykit.errors import DeployError
+from deploykit.fileio import nearest_existing
 
 CONFIG_FILE = "config.pbtxt"
 VERSION = "1"
@@ -141,7 +142,7 @@ def check_triton_target(repo_dir: str | os.PathLike, name: str, *, max_batch: in
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise DeployError(f"The onnxruntime thread count must be a positive integer, not {threads!r}.")
     repo = Path(repo_dir)
-    existing = next(path for path in (repo, *repo.parents, Path(".")) if path.exists())
+    existing = nearest_existing(repo)
     if not existing.is_dir():
         raise DeployError(f"The Triton repository {repo} cannot be created: {existing} is not a directory.")
     if not os.access(existing, os.W_OK | os.X_OK):
