@@ -65,6 +65,9 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor] | None = None
     module: nn.Module | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The state_dict as saved (wrappers and ``module.`` stripped), before the OpenMMLab and Lightning layouts are
+    # read into a zoo model's keys: what a user's own model (``--arch file.py:factory``) loads.
+    as_saved: dict[str, torch.Tensor] | None = None
 
 
 def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Checkpoint:
@@ -110,7 +113,15 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
                 f"from the file; re-run with {TRUST_PICKLE_FLAG} only if you trust its source.") from None
         raise DeployError(f"{path} is corrupt or truncated: it cannot be unpickled ({_first_line(err)}); fetch or "
                           f"save it again.") from None
-    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ModuleNotFoundError) as err:
+    except (ModuleNotFoundError, AttributeError) as err:
+        if trust_pickle and _missing_class(err):
+            raise DeployError(f"{path} holds a pickled model whose class cannot be imported here ({_missing_class(err)});"
+                              f" its module must be importable: run from the folder that holds it or add that folder "
+                              f"to PYTHONPATH (or save a state_dict and build the model with --arch file.py:factory)."
+                              ) from None
+        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({_first_line(err)}); fetch or save "
+                          f"it again.") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({_first_line(err)}); fetch or save "
                           f"it again.") from None
     return _checkpoint_from_object(path, obj)
@@ -135,10 +146,11 @@ def _checkpoint_from_object(path: Path, obj: Any, source: str = "torch") -> Chec
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = ", ".join(list(map(str, obj))[:5]) or "none"
         raise DeployError(f"{path} does not contain a state_dict of tensors (its top-level keys: {keys}).")
-    checkpoint = Checkpoint(path, state_dict=strip_prefixes(dict(obj)))
+    checkpoint = _as_float32(Checkpoint(path, state_dict=strip_prefixes(dict(obj))))
+    checkpoint.as_saved = dict(checkpoint.state_dict)
     if source != "torch":
         checkpoint.metadata["source"] = source
-    return _as_float32(_without_training_parts(_with_openmmlab_layout(checkpoint)))
+    return _without_training_parts(_with_openmmlab_layout(checkpoint))
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -286,6 +298,16 @@ def write_checkpoint(path: str | os.PathLike, arch: str, state_dict: Mapping[str
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
     return path
+
+
+def _missing_class(err: BaseException) -> str | None:
+    """What unpickling could not import: "module 'x' is missing" or "'x' has no class 'Y'"; None otherwise."""
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        return f"module {err.name!r} is missing"
+    text = str(err)
+    if isinstance(err, AttributeError) and "Can't get attribute" in text:
+        return text.split("Can't get attribute", 1)[1].strip().rstrip(">").replace(" on <module", " in module")
+    return None
 
 
 def _first_line(err: BaseException) -> str:

@@ -13,7 +13,7 @@ import traceback
 
 from deploykit import log
 from deploykit.checkpoint import TRUST_PICKLE_FLAG
-from deploykit.config import ExportConfig, parse_floats, parse_shape
+from deploykit.config import ExportConfig, parse_floats, parse_names, parse_shape
 from deploykit.errors import DeployError
 from deploykit.export.custom_op import LOWERINGS
 from deploykit.export.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
@@ -27,6 +27,7 @@ EPILOG = """examples:
   python export.py --model scnet50.pt           # export, run in onnxruntime, compare with PyTorch
   python export.py --model scnet50-dc6a7e87.pth --arch scnet50 --input-shape 4x3x256x256 --static-batch
   python export.py --model scnet50.pt --images photos/  # verify on your own images
+  python export.py --arch mynet.py:build --model mynet.pth --input-shape 1x3x224x224  # your own model
 
 exit status: 0 verified, 1 outputs differ beyond tolerance (artifacts are still written, the report names the
 first diverging module), 2 bad input, 3 inconclusive (every input is unstable for the network in float32).
@@ -52,18 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Export a PyTorch checkpoint to ONNX, run it in onnxruntime and verify it against PyTorch.")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, metavar="PATH",
+    model.add_argument("--model", metavar="PATH",
                        help="checkpoint: deploykit's format, or an official state_dict (bare, or wrapped in "
-                            "'state_dict'/'model', 'module.' prefixes stripped)")
+                            "'state_dict'/'model', 'module.' prefixes stripped); optional only with an --arch "
+                            "factory that makes its own weights")
     model.add_argument("--arch", metavar="NAME",
-                       help=f"architecture of a bare state_dict (default: from the checkpoint or the file name); "
-                            f"one of: {', '.join(sorted(MODELS))}")
+                       help=f"architecture of a bare state_dict (default: from the checkpoint or the file name): "
+                            f"a zoo model, one of {', '.join(sorted(MODELS))}; or your own model as "
+                            f"path/to/net.py:factory or package.module:factory (called without arguments, then "
+                            f"--model is loaded into it strictly; docs/own-model.md)")
     model.add_argument(TRUST_PICKLE_FLAG, action="store_true",
                        help="allow checkpoints that unpickle Python objects, e.g. a whole nn.Module (this runs code "
                             "from the file: only for files you trust)")
     export = parser.add_argument_group("export")
-    export.add_argument("--input-shape", type=_shape, metavar="BxCxHxW",
-                        help="input shape including batch (default: 1x<model's native input>, e.g. 1x3x224x224)")
+    export.add_argument("--input-shape", type=_shape, metavar="BxCxHxW", action="append",
+                        help="input shape including batch (default: 1x<model's native input>, e.g. 1x3x224x224); "
+                             "repeat it, in the forward's argument order, for a model with several inputs")
+    export.add_argument("--output-names", type=_names, metavar="A,B,...",
+                        help="names of the ONNX outputs, one per tensor the model returns (default: 'output'; dict "
+                             "keys; output_0, output_1, ... for a tuple or list)")
     export.add_argument("--static-batch", action="store_true",
                         help="fix the batch dimension (default: dynamic, one file for every batch size)")
     export.add_argument("--dynamic-spatial", action="store_true",
@@ -80,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(for TensorRT plugins); standard = standard ops only (default: auto)")
     check = parser.add_argument_group("verification")
     check.add_argument("--inputs", metavar="FILE.npz",
-                       help="verification input (array named 'input', or the only array); default: seeded random")
+                       help="verification inputs: one array per model input, named after it (or the only array of "
+                            "a one-input model; numpy.savez's arr_0, arr_1, ... in input order); default: seeded "
+                            "random")
     check.add_argument("--images", nargs="+", metavar="PATH",
                        help="verify on these images (files or directories of JPEG/PNG/WebP/BMP), resized, "
                             "centre-cropped and normalised as the model expects")
@@ -128,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
-        model=args.model, arch=args.arch, output_dir=args.output_dir, input_shape=args.input_shape,
+        model=args.model, arch=args.arch, output_dir=args.output_dir,
+        input_shape=args.input_shape[0] if args.input_shape and len(args.input_shape) == 1 else args.input_shape,
+        output_names=args.output_names,
         dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial, opset=args.opset,
         lowering=args.lowering, inputs=args.inputs, images=args.images, mean=args.mean, std=args.std,
         seed=args.seed, rtol=args.rtol, atol=args.atol,
@@ -192,4 +204,4 @@ def _argument_type(parse):
     return convert
 
 
-_floats, _shape = _argument_type(parse_floats), _argument_type(parse_shape)
+_floats, _shape, _names = _argument_type(parse_floats), _argument_type(parse_shape), _argument_type(parse_names)

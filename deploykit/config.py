@@ -16,12 +16,20 @@ class ExportConfig:
     """What to export and how to check it.
 
     Attributes:
-        model: checkpoint path, or an ``nn.Module`` to export as is.
-        arch: zoo architecture name. Defaults to the checkpoint's own, else the file name (``scnet50-dc6a7e87.pth``
-            -> ``scnet50``) when that names a zoo model.
-        output_dir: where the artifacts go. Defaults to ``deploykit-out/<arch>``.
-        input_shape: full input shape including the batch, e.g. (1, 3, 224, 224). Defaults to batch 1 at the
-            model's native resolution.
+        model: checkpoint path, or an ``nn.Module`` to export as is. None only with a factory `arch` that
+            makes its own weights.
+        arch: zoo architecture name, or the user's own model as ``path/to/net.py:factory`` or
+            ``package.module:factory`` (`deploykit.user_code`: the factory is called without arguments, then `model`
+            is loaded into its result strictly). Defaults to the checkpoint's own, else the file name
+            (``scnet50-dc6a7e87.pth`` -> ``scnet50``) when that names a zoo model.
+        output_dir: where the artifacts go. Defaults to ``deploykit-out/<name>``: the arch, the factory's name, or
+            the class of a module given as is.
+        input_shape: full input shape including the batch, e.g. (1, 3, 224, 224); a list of them for a model with
+            several inputs (in the forward's argument order, all with the same batch). Defaults to batch 1 at the
+            zoo model's native resolution.
+        output_names: names of the ONNX outputs, one per tensor the forward returns (flattened depth first).
+            Defaults to ``output`` for one tensor, dict keys for a dict, ``output_0``, ``output_1`` ... for a
+            sequence (`deploykit.signature`).
         dynamic_batch: export the batch dimension as symbolic. Defaults to True.
         dynamic_spatial: also export height and width as symbolic (one file for every image size; needs a dynamic
             batch), verified at the requested size and a second one. Defaults to False.
@@ -56,10 +64,11 @@ class ExportConfig:
         verbose: debug logging and the exporter's own diagnostics.
     """
 
-    model: str | os.PathLike | nn.Module
+    model: str | os.PathLike | nn.Module | None
     arch: str | None = None
     output_dir: str | os.PathLike | None = None
-    input_shape: tuple[int, ...] | None = None
+    input_shape: tuple[int, ...] | list[tuple[int, ...]] | None = None
+    output_names: list[str] | None = None
     dynamic_batch: bool | None = None
     dynamic_spatial: bool = False
     opset: int | None = None
@@ -87,10 +96,15 @@ class ExportConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
+        if self.model is None and not (self.arch and ":" in self.arch):
+            raise DeployError("No model given: pass --model (a checkpoint), or --arch path/to/net.py:factory for a "
+                              "model whose factory makes its own weights.")
         if self.input_shape is not None:
-            self.input_shape = tuple(int(d) for d in self.input_shape)
-            if not self.input_shape or any(d < 1 for d in self.input_shape):
-                raise DeployError(f"Input shape {self.input_shape} is invalid: every dimension must be >= 1.")
+            self.input_shape = _shapes(self.input_shape)
+        if self.output_names is not None:
+            self.output_names = [str(name) for name in self.output_names]
+            if not self.output_names or not all(self.output_names):
+                raise DeployError("--output-names needs one non-empty name per output, e.g. logits,embedding.")
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -138,6 +152,19 @@ class ExportConfig:
                               "drop --seed.")
 
 
+def _shapes(value) -> tuple[int, ...] | list[tuple[int, ...]]:
+    """One shape (ints) or several (a sequence of int sequences), every dimension >= 1, batches equal."""
+    several = len(value) > 0 and not isinstance(value[0], (int,)) and hasattr(value[0], "__len__")
+    shapes = [tuple(int(d) for d in shape) for shape in value] if several else [tuple(int(d) for d in value)]
+    for shape in shapes:
+        if not shape or any(d < 1 for d in shape):
+            raise DeployError(f"Input shape {shape} is invalid: every dimension must be >= 1.")
+    if len({shape[0] for shape in shapes}) > 1:
+        raise DeployError(f"The input shapes {', '.join('x'.join(map(str, s)) for s in shapes)} have different "
+                          f"batches; every input of one call shares dimension 0.")
+    return shapes if several else shapes[0]
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """Parse "1x3x224x224" or "1,3,224,224" into a tuple of positive ints."""
     parts = text.replace(",", "x").lower().split("x")
@@ -156,3 +183,11 @@ def parse_floats(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(","))
     except ValueError:
         raise DeployError(f"{text!r} is not a comma-separated list of numbers such as 0.485,0.456,0.406.") from None
+
+
+def parse_names(text: str) -> list[str]:
+    """Parse "logits,embedding" into a list of non-empty names."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise DeployError(f"{text!r} is not a comma-separated list of names such as logits,embedding.")
+    return names

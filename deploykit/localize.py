@@ -29,7 +29,9 @@ from torch import nn
 
 from deploykit.export.fold_batchnorm import FOLDED_KEY
 from deploykit.runtime.ort import session_from_onnx
-from deploykit.verify import FAILED, PROBES, Feed, float64_copy, nudged, rel_to_range, sample_status
+from deploykit.signature import flatten_outputs
+from deploykit.verify import (FAILED, PROBES, Feed, default_dtype, float64_copy, nudged, rel_to_range,
+                              sample_status)
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 _CALL_SUFFIX = re.compile(r"@(\d+)$")
@@ -50,6 +52,8 @@ class Divergence:
     bound: float
     iteration: int
     sample: int
+    output: str  # the model output whose failure was traced back
+    reference: str = "float64"  # what the module outputs were compared with: "float64", or "float32" PyTorch
 
     def as_dict(self) -> dict:
         result = asdict(self)
@@ -62,9 +66,10 @@ class Divergence:
         reference = f"; PyTorch float32: {self.e_ref:.2g}" if self.e_ref is not None else ""
         nodes = ", ".join(self.onnx_nodes[:3]) + (" ..." if len(self.onnx_nodes) > 3 else "")
         call = f" (call {self.call + 1})" if self.call else ""
+        anchor = "float64" if self.reference == "float64" else "PyTorch float32"
         return (f"first divergence: {where}{call} ({self.module_class}; ONNX {nodes}): output {self.e_dep:.2g} of "
-                f"its range from float64 (bound {self.bound:.2g}{reference}) on sample {self.sample} of verification "
-                f"batch {self.iteration}")
+                f"its range from {anchor} (bound {self.bound:.2g}{reference}) on sample {self.sample} of "
+                f"verification batch {self.iteration}, tracing model output {self.output!r}")
 
 
 def node_module_calls(node: onnx.NodeProto, key: str | None = None) -> list[ModuleCall]:
@@ -115,7 +120,7 @@ def module_nodes(model: onnx.ModelProto) -> dict[ModuleCall, list[str]]:
 
 def first_divergence(model: nn.Module, onnx_model: onnx.ModelProto, feed: Feed, iteration: int, sample: int,
                      tolerance: float, float64: bool = True, providers: Sequence[str] | None = None,
-                     threads: int | None = None) -> Divergence | None:
+                     threads: int | None = None, output: str | None = None) -> Divergence | None:
     """The first module (in PyTorch's execution order) whose exported output fails the verification rule on
     `sample` of `feed`; None if no module does (the graph carries no exporter metadata, or the error appears only
     after the last module, in which case the model's own forward is reported).
@@ -128,19 +133,24 @@ def first_divergence(model: nn.Module, onnx_model: onnx.ModelProto, feed: Feed, 
         tolerance: the verification tolerance (relative to each module output's range on the sample).
         float64: compare with a float64 copy of `model` (False: the model cannot run in float64).
         providers, threads: onnxruntime settings, as for the verification.
+        output: the failing graph output; only modules it depends on are judged. Defaults to the first output.
     """
-    exits = module_exits(onnx_model)
+    outputs = [o.name for o in onnx_model.graph.output]
+    graph_output = outputs[0] if output is None else output
+    upstream = _upstream_values(onnx_model, graph_output)
+    exits = {call: kept for call, values in module_exits(onnx_model).items()
+             if (kept := [(v, producer) for v, producer in values if v in upstream])}
     if not exits:
         return None
-    graph_output = onnx_model.graph.output[0].name
     exits[("", 0)] = [(graph_output, "graph output")]
     values = sorted({value for values in exits.values() for value, _ in values} - {graph_output})
     deployed = dict(zip([graph_output, *values], _run_with_outputs(onnx_model, [graph_output, *values], feed,
                                                                    providers, threads)))
-    order, fp32 = _module_outputs(model, feed, torch.float32)
-    probes = [_module_outputs(model, nudged([feed], seed)[0], torch.float32)[1] for seed in range(PROBES)] \
+    root = outputs.index(graph_output)
+    order, fp32 = _module_outputs(model, feed, torch.float32, root)
+    probes = [_module_outputs(model, nudged([feed], seed)[0], torch.float32, root)[1] for seed in range(PROBES)] \
         if float64 else []
-    reference = _module_outputs(float64_copy(model), feed, torch.float64)[1] if float64 else fp32
+    reference = _module_outputs(float64_copy(model), feed, torch.float64, root)[1] if float64 else fp32
     nodes = module_nodes(onnx_model)
     classes = {name: type(module).__name__ for name, module in model.named_modules()}
     for call in order:
@@ -163,7 +173,8 @@ def first_divergence(model: nn.Module, onnx_model: onnx.ModelProto, feed: Feed, 
         if status == FAILED:
             return Divergence(module=call[0], module_class=classes.get(call[0], "?"), call=call[1], onnx_value=value,
                               onnx_nodes=nodes.get(call, [producer])[:8], e_dep=e_dep, e_ref=e_ref, bound=bound,
-                              iteration=iteration, sample=sample)
+                              iteration=iteration, sample=sample, output=graph_output,
+                              reference="float64" if float64 else "float32")
     return None
 
 
@@ -183,10 +194,25 @@ def _run_with_outputs(onnx_model: onnx.ModelProto, names: list[str], feed: Feed,
     return session_from_onnx(probed, providers, threads).run(names, feed)
 
 
-def _module_outputs(model: nn.Module, feed: Feed, dtype: torch.dtype) -> tuple[list[ModuleCall],
-                                                                              dict[ModuleCall, np.ndarray]]:
+def _upstream_values(model: onnx.ModelProto, output: str) -> set[str]:
+    """Every value `output` is computed from (itself included)."""
+    producer = {value: node for node in model.graph.node for value in node.output}
+    seen, pending = set(), [output]
+    while pending:
+        value = pending.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        if value in producer:
+            pending.extend(name for name in producer[value].input if name)
+    return seen
+
+
+def _module_outputs(model: nn.Module, feed: Feed, dtype: torch.dtype, root_output: int = 0) -> tuple[
+        list[ModuleCall], dict[ModuleCall, np.ndarray]]:
     """Every module call's output tensor (for modules returning one), keyed by (path, call index), and the calls in
-    the order they finished."""
+    the order they finished; the model's own call is represented by its output number `root_output` (flattened as
+    the export flattens it)."""
     order: list[ModuleCall] = []
     outputs: dict[ModuleCall, np.ndarray] = {}
     calls: dict[str, int] = defaultdict(int)
@@ -194,6 +220,8 @@ def _module_outputs(model: nn.Module, feed: Feed, dtype: torch.dtype) -> tuple[l
     def record(name: str, _module, _args, output) -> None:
         call = (name, calls[name])
         calls[name] += 1
+        if name == "" and not isinstance(output, torch.Tensor):
+            output = flatten_outputs(output)[root_output][1]
         # Modules returning several tensors (e.g. ODConv's four attentions) are passed over: which ONNX value
         # matches which tensor is ambiguous.
         if isinstance(output, torch.Tensor) and output.is_floating_point():
@@ -203,7 +231,7 @@ def _module_outputs(model: nn.Module, feed: Feed, dtype: torch.dtype) -> tuple[l
     handles = [module.register_forward_hook(lambda m, a, o, name=name: record(name, m, a, o))
                for name, module in model.named_modules()]
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), default_dtype(dtype):
             model(*(torch.from_numpy(a).to(dtype) if np.issubdtype(a.dtype, np.floating) else torch.from_numpy(a)
                     for a in feed.values()))
     finally:

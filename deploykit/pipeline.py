@@ -18,7 +18,7 @@ from deploykit import artifacts
 from deploykit.checkpoint import Checkpoint, check_weights, load_checkpoint
 from deploykit.config import ExportConfig
 from deploykit.errors import DeployError, VerificationFailed
-from deploykit.export.onnx import DEFAULT_OPSET, onnx_from_model
+from deploykit.export.onnx import DEFAULT_OPSET, check_exported_dims, onnx_from_model
 from deploykit.export.passes import run_passes
 from deploykit.fileio import check_writable_dir
 from deploykit.images import IMAGENET, image_files, load_images
@@ -30,11 +30,11 @@ from deploykit.nn import DeformConv2d, ModulatedDeformConv2d
 from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
 from deploykit.serving.triton import check_triton_target, write_triton_repository
+from deploykit.signature import flatten_outputs, input_names, output_template, resolve_output_names
+from deploykit.user_code import build_user_model, factory_name, is_factory
 from deploykit.verify import (FAILED, FP16_RTOL, INSTABILITY_FACTOR, PASSED, TorchReference, Verification,
                               combined_verdict, compare, onnxrt_results, polygraphy_command, torch_reference)
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
 
 
 @dataclass
@@ -73,48 +73,46 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
         trt_version = trt.require_tensorrt()
         plugin_library = trt.find_plugin_library(config.plugins)
 
-    if isinstance(config.model, nn.Module):
-        checkpoint = Checkpoint(path=Path("<module>"), module=config.model)
-    else:
-        with stage(f"Loading checkpoint {config.model}", timings, "load_checkpoint"):
-            checkpoint = load_checkpoint(config.model, trust_pickle=config.trust_pickle)
-    arch = _resolve_arch(checkpoint, config.arch)
-    if "note" in checkpoint.metadata:
+    checkpoint = _load(config, timings)
+    factory = config.arch if is_factory(config.arch) else None
+    arch = None if factory else _resolve_arch(checkpoint, config.arch)
+    name = _model_name(config, arch, checkpoint)
+    if checkpoint is not None and "note" in checkpoint.metadata:
         LOGGER.info("  loaded the %s", checkpoint.metadata["note"])
-    if "cast" in checkpoint.metadata:
+    if checkpoint is not None and "cast" in checkpoint.metadata:
         LOGGER.info("  %s", checkpoint.metadata["cast"])
     if config.triton_repo is not None:  # a bad name or an unwritable repository fails before the slow steps
-        check_triton_target(config.triton_repo, _triton_name(config, arch), **_triton_options(config))
+        check_triton_target(config.triton_repo, _triton_name(config, name), **_triton_options(config))
 
-    input_shape = _resolve_input_shape(config.input_shape, arch)  # a size the model cannot take fails before the build
-    with stage(f"Building {arch or type(checkpoint.module).__name__}", timings, "build_model"):
-        model = checkpoint.module.eval() if checkpoint.module is not None else \
-            build_model(arch, checkpoint.arch_kwargs, checkpoint.state_dict)
+    # A size the model cannot take fails before the build.
+    input_shapes = _resolve_input_shapes(config.input_shape, arch)
+    if config.engine and len(input_shapes) > 1:
+        raise DeployError("--engine builds TensorRT engines of one-input models only; this model takes "
+                          f"{len(input_shapes)} inputs, so verify it in onnxruntime (drop --engine).")
+    with stage(f"Building {name}", timings, "build_model"):
+        model = _build(config, arch, checkpoint)
     check_weights(model, checkpoint)
     providers = resolve_providers(config.providers)  # fail before the slow export if one is unavailable
     dynamic_batch = True if config.dynamic_batch is None else config.dynamic_batch
     opset = config.opset or DEFAULT_OPSET
-    min_spatial = _spatial_floor(config, arch, model, input_shape, opset) if config.dynamic_spatial else None
-    shapes = _verification_shapes(input_shape, dynamic_batch, min_spatial, arch is not None)
-    feeds = _make_feeds(config, arch, shapes)
+    min_spatial = _spatial_floor(config, arch, model, input_shapes[0], opset) if config.dynamic_spatial else None
+    shapes = _verification_shapes(input_shapes, dynamic_batch, min_spatial, arch is not None)
+    names = input_names(model, len(input_shapes))
+    feeds = _make_feeds(config, arch, names, shapes)
     # Checked now, created only when the artifacts are written: a run that fails before leaves no directory.
-    output_dir = check_writable_dir(config.output_dir or Path("deploykit-out") / (arch or "model"))
+    output_dir = check_writable_dir(config.output_dir or Path("deploykit-out") / name)
 
     with stage("Running PyTorch (float32, and float64 as the reference)", timings, "torch_run"):
-        try:
-            reference = torch_reference(model, feeds, [OUTPUT_NAME])
-        except (RuntimeError, ValueError) as err:
-            shape = "x".join(map(str, feeds[0][INPUT_NAME].shape))
-            raise DeployError(f"{arch or 'The model'} cannot take an input of shape {shape}: "
-                              f"{str(err).strip().splitlines()[0].rstrip('.')}.") from err
+        outputs = _output_signature(model, feeds[0], name, config.output_names, names)
+        reference = _torch_reference(model, feeds, outputs.names, name)
 
     dims = "dynamic batch and size" if min_spatial else "dynamic batch" if dynamic_batch else "static batch"
     with stage(f"Exporting ONNX (opset {opset}, {dims})", timings, "export"):
-        onnx_model = onnx_from_model(model, torch.from_numpy(feeds[0][INPUT_NAME]), opset=opset,
+        onnx_model = onnx_from_model(model, tuple(torch.from_numpy(a) for a in feeds[0].values()), opset=opset,
                                      dynamic_batch=dynamic_batch, dynamic_spatial=config.dynamic_spatial,
-                                     min_spatial=min_spatial, input_names=[INPUT_NAME],
-                                     output_names=[OUTPUT_NAME], lowering=config.lowering,
-                                     verbose=config.verbose)
+                                     min_spatial=min_spatial, input_names=names, output_names=outputs.names,
+                                     lowering=config.lowering, verbose=config.verbose)
+    check_exported_dims(onnx_model, model, feeds[0], dynamic_batch, config.dynamic_spatial)
     with stage("Graph passes (constant folding, shape inference, checks)", timings, "passes"):
         onnx_model, pass_report = run_passes(onnx_model)
     LOGGER.info("  folding: %d -> %d nodes, %d -> %d parameters in initializers", pass_report.before.nodes,
@@ -132,12 +130,15 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
 
     report = {
         "versions": artifacts.versions(),
-        "config": _config_summary(config, arch, input_shape, dynamic_batch, opset),
-        "model": {"arch": arch, "checkpoint": str(checkpoint.path),
+        "config": _config_summary(config, arch, input_shapes, dynamic_batch, opset),
+        "model": {"arch": arch, "name": name, "factory": factory,
+                  "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                  "checkpoint": str(checkpoint.path) if checkpoint is not None else None,
                   "parameters": sum(p.numel() for p in model.parameters())},
         "export": {"opset": opset, "ir_version": onnx_model.ir_version, "dynamic_batch": dynamic_batch,
+                   "inputs": names, "outputs": outputs.names, "output_structure": outputs.template,
                    "dynamic_spatial": {"min_size": min_spatial,
-                                       "verified_shapes": [list(f[INPUT_NAME].shape) for f in feeds]}
+                                       "verified_shapes": [[list(a.shape) for a in f.values()] for f in feeds]}
                    if min_spatial else None,
                    "custom_nodes": sorted({f"{n.domain}::{n.op_type}" for n in onnx_model.graph.node if n.domain}),
                    "passes": pass_report.as_dict()},
@@ -158,8 +159,9 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     for runtime, check in checks.items():
         _log_verdict(runtime, check)
     if config.triton_repo is not None:
-        report["triton"] = _triton_repository(config, arch, verdict, onnx_model, dynamic_batch, input_shape, engine,
-                                              report.get("tensorrt"), plugin_library)
+        report["triton"] = _triton_repository(config, name, verdict, onnx_model, dynamic_batch,
+                                              dict(zip(names, input_shapes)), engine, report.get("tensorrt"),
+                                              plugin_library)
 
     with stage(f"Writing artifacts to {output_dir}", timings, "write"):
         timings["total"] = round(time.perf_counter() - started, 4)
@@ -172,8 +174,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     return result
 
 
-def _triton_name(config: ExportConfig, arch: str | None) -> str:
-    return config.triton_name or arch or "model"
+def _triton_name(config: ExportConfig, name: str) -> str:
+    return config.triton_name or name
 
 
 def _triton_options(config: ExportConfig) -> dict:
@@ -181,12 +183,12 @@ def _triton_options(config: ExportConfig) -> dict:
             "threads": config.threads}
 
 
-def _triton_repository(config: ExportConfig, arch: str | None, verdict: str, onnx_model, dynamic_batch: bool,
-                       input_shape: tuple[int, ...], engine: bytes | None, tensorrt: dict | None,
+def _triton_repository(config: ExportConfig, model_name: str, verdict: str, onnx_model, dynamic_batch: bool,
+                       input_shapes: dict[str, tuple[int, ...]], engine: bytes | None, tensorrt: dict | None,
                        plugin_library: Path | None) -> dict:
     """Hand the verified model to Triton; a failed or inconclusive check writes no repository unless forced.
     Returns the report's ``triton`` section."""
-    name = _triton_name(config, arch)
+    name = _triton_name(config, model_name)
     section = {"repository": str(config.triton_repo), "name": name, "written": False}
     if verdict != PASSED and not config.force:
         LOGGER.info("Triton repository not written: the verification %s (pass --force to write it anyway)",
@@ -196,7 +198,7 @@ def _triton_repository(config: ExportConfig, arch: str | None, verdict: str, onn
         write_triton_repository(config.triton_repo, name, onnx_model, dynamic_batch=dynamic_batch, engine=engine,
                                 engine_profile=tensorrt["profile"] if engine is not None else None,
                                 plugin_library=plugin_library if engine is not None else None,
-                                example_shapes={INPUT_NAME: input_shape}, **_triton_options(config))
+                                example_shapes=input_shapes, **_triton_options(config))
     LOGGER.info("  serve it: see %s", Path(config.triton_repo) / "README.md")
     models = [name, *([f"{name}_trt"] if engine is not None else [])]
     return {**section, "written": True, "models": models, "forced": verdict != PASSED}
@@ -214,6 +216,9 @@ def _log_verdict(runtime: str, check: Verification) -> None:
         LOGGER.info("  every input is unstable for this network in float32 (PyTorch's own float32 output is more "
                     "than %g tolerances from float64), so no float32 runtime can be checked on it: verify on other "
                     "inputs (--images, --inputs, --seed)", INSTABILITY_FACTOR)
+    failed = list(dict.fromkeys(s.output for s in check.samples if s.status == FAILED))
+    if len({s.output for s in check.samples}) > 1 and failed:
+        LOGGER.info("  failed outputs: %s", ", ".join(failed))
     if check.first_divergence:
         LOGGER.info("  %s", check.first_divergence["summary"])
 
@@ -225,7 +230,7 @@ def _localize(verification: Verification, model: nn.Module, onnx_model, feeds, r
     worst = max(failed, key=lambda s: s.e_dep / s.bound)
     divergence = first_divergence(model, onnx_model, feeds[worst.iteration], worst.iteration, worst.sample,
                                   verification.tolerance, float64=reference.float64 is not None,
-                                  providers=providers, threads=threads)
+                                  providers=providers, threads=threads, output=worst.output)
     if divergence is None:
         verification.first_divergence = {"module": None, "summary": "first divergence: no single module's output "
                                          "is out of tolerance (the exported graph carries no module metadata there)"}
@@ -242,14 +247,15 @@ def _engine_and_check(config: ExportConfig, onnx_model, feeds, reference, dynami
         raise DeployError(f"The model has deploykit::{', deploykit::'.join(custom_nodes)} nodes but no plugin library "
                           f"was found: build plugins/ with CMake (docs/tensorrt.md) and pass --plugins or set "
                           f"{trt.PLUGIN_LIBRARY_ENV}.")
-    verified = [feed[INPUT_NAME].shape for feed in feeds]
+    input_name, = feeds[0]  # engines are built for one-input models only
+    verified = [feed[input_name].shape for feed in feeds]
     largest = [(config.max_batch, *verified[0][1:])] if config.max_batch else []
     shapes = trt.EngineShapes.spanning(verified + largest, dynamic_batch, min_spatial, config.min_shape,
                                        config.max_shape)
     precision = "FP16" if config.fp16 else "FP32"
     span = "x".join(map(str, shapes.min)) + " to " + "x".join(map(str, shapes.max))
     with stage(f"Building the TensorRT engine ({precision}, inputs {span})", timings, "trt_build"):
-        engine = trt.build_engine(onnx_model.SerializeToString(), INPUT_NAME, shapes, config.fp16, plugin_library)
+        engine = trt.build_engine(onnx_model.SerializeToString(), input_name, shapes, config.fp16, plugin_library)
     with stage("Running TensorRT", timings, "tensorrt"):
         candidate = trt.trt_results(engine, feeds, plugin_library)
     rtol = FP16_RTOL if config.fp16 and config.rtol is None else config.rtol
@@ -261,12 +267,38 @@ def _engine_and_check(config: ExportConfig, onnx_model, feeds, reference, dynami
         "profile": {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)},
         "verification": verification.as_dict(),
         "reproduce": trt.polygraphy_trt_command(artifacts.MODEL_FILE, artifacts.INPUTS_FILE,
-                                                artifacts.TORCH_OUTPUTS_FILE, INPUT_NAME, shapes, config.fp16,
+                                                artifacts.TORCH_OUTPUTS_FILE, input_name, shapes, config.fp16,
                                                 plugin_library, atol, verification.outputs[0].rtol),
-        "trtexec": trt.trtexec_command(artifacts.MODEL_FILE, artifacts.ENGINE_FILE, INPUT_NAME, shapes, config.fp16,
+        "trtexec": trt.trtexec_command(artifacts.MODEL_FILE, artifacts.ENGINE_FILE, input_name, shapes, config.fp16,
                                        plugin_library),
     }
     return engine, section, verification
+
+
+def _load(config: ExportConfig, timings: dict[str, float]) -> Checkpoint | None:
+    """The checkpoint to build from: a module given as is, a file, or none (a factory that makes its own weights)."""
+    if isinstance(config.model, nn.Module):
+        return Checkpoint(path=Path("<module>"), module=config.model)
+    if config.model is None:
+        return None
+    with stage(f"Loading checkpoint {config.model}", timings, "load_checkpoint"):
+        return load_checkpoint(config.model, trust_pickle=config.trust_pickle)
+
+
+def _build(config: ExportConfig, arch: str | None, checkpoint: Checkpoint | None) -> nn.Module:
+    if is_factory(config.arch):
+        return build_user_model(config.arch, checkpoint)
+    if checkpoint.module is not None:
+        return checkpoint.module.eval()
+    return build_model(arch, checkpoint.arch_kwargs, checkpoint.state_dict)
+
+
+def _model_name(config: ExportConfig, arch: str | None, checkpoint: Checkpoint | None) -> str:
+    """What the default output directory and Triton model are called: the zoo arch, the factory's name, or the
+    class of a module given as is."""
+    if is_factory(config.arch):
+        return factory_name(config.arch)
+    return arch or type(checkpoint.module).__name__
 
 
 def _resolve_arch(checkpoint: Checkpoint, requested: str | None) -> str | None:
@@ -282,25 +314,35 @@ def _resolve_arch(checkpoint: Checkpoint, requested: str | None) -> str | None:
     if guess in MODELS:
         LOGGER.info("  architecture %s taken from the file name (pass --arch to override)", guess)
         return guess
-    raise DeployError(f"{checkpoint.path} is a bare state_dict that names no architecture; pass --arch (one of: "
-                      f"{', '.join(sorted(MODELS))}).")
+    raise DeployError(f"{checkpoint.path} is a bare state_dict that names no architecture; pass --arch: a zoo "
+                      f"model ({', '.join(sorted(MODELS))}) or your own, as path/to/net.py:factory.")
 
 
-def _resolve_input_shape(requested: tuple[int, ...] | None, arch: str | None) -> tuple[int, ...]:
-    if requested is not None:
-        spec = model_spec(arch) if arch is not None else None
-        if spec is not None and spec.fixed_size and tuple(requested[1:]) != spec.input_shape:
-            size = "x".join(map(str, spec.input_shape))
-            raise DeployError(f"{arch} takes only {size} inputs (its per-pixel weights are learned at that "
-                              f"resolution), not {'x'.join(map(str, requested[1:]))}; only the batch may change.")
-        reason = spec.min_size_reason if spec is not None else None
-        if reason and len(requested) == 4 and min(requested[2:]) < spec.min_size:
-            raise DeployError(f"{arch} cannot take an input of shape {'x'.join(map(str, requested))}: {reason}; "
-                              f"pass a larger --input-shape.")
-        return requested
-    if arch is None:
-        raise DeployError("The model is not a zoo architecture, so its input shape is unknown; pass --input-shape.")
-    return (1, *model_spec(arch).input_shape)
+def _resolve_input_shapes(requested: tuple[int, ...] | list[tuple[int, ...]] | None,
+                          arch: str | None) -> list[tuple[int, ...]]:
+    """One full shape per model input: the requested ones (a zoo model refuses sizes it cannot take), else batch 1
+    at the zoo model's native size."""
+    if requested is None:
+        if arch is None:
+            raise DeployError("The model is not a zoo architecture, so its input shape is unknown; pass --input-shape "
+                              "(once per input for a model with several).")
+        return [(1, *model_spec(arch).input_shape)]
+    shapes = [tuple(requested)] if requested and isinstance(requested[0], int) else [tuple(s) for s in requested]
+    spec = model_spec(arch) if arch is not None else None
+    if spec is None:
+        return shapes
+    if len(shapes) != 1:
+        raise DeployError(f"{arch} takes one input, but --input-shape was given {len(shapes)} times.")
+    shape = shapes[0]
+    if spec.fixed_size and tuple(shape[1:]) != spec.input_shape:
+        size = "x".join(map(str, spec.input_shape))
+        raise DeployError(f"{arch} takes only {size} inputs (its per-pixel weights are learned at that "
+                          f"resolution), not {'x'.join(map(str, shape[1:]))}; only the batch may change.")
+    reason = spec.min_size_reason
+    if reason and len(shape) == 4 and min(shape[2:]) < spec.min_size:
+        raise DeployError(f"{arch} cannot take an input of shape {'x'.join(map(str, shape))}: {reason}; "
+                          f"pass a larger --input-shape.")
+    return shapes
 
 
 def _spatial_floor(config: ExportConfig, arch: str | None, model: nn.Module, input_shape: tuple[int, ...],
@@ -320,37 +362,43 @@ def _spatial_floor(config: ExportConfig, arch: str | None, model: nn.Module, inp
     return floor
 
 
-def _verification_shapes(input_shape: tuple[int, ...], dynamic_batch: bool, min_spatial: int | None,
-                         known_floor: bool) -> list[tuple[int, ...]]:
-    """The requested shape and, when the batch is dynamic, one more batch size, so the check proves that one file
-    serves several; with a dynamic spatial size that second input also has another size (H - 32, else H + 32 when
-    that would go below the model's smallest size or it is unknown; W + 32)."""
+def _verification_shapes(input_shapes: list[tuple[int, ...]], dynamic_batch: bool, min_spatial: int | None,
+                         known_floor: bool) -> list[list[tuple[int, ...]]]:
+    """The input shapes of each verification feed: the requested ones and, when the batch is dynamic, one more batch
+    size, so the check proves that one file serves several; with a dynamic spatial size that second feed's image
+    inputs also have another size (H - 32, else H + 32 when that would go below the model's smallest size or it is
+    unknown; W + 32)."""
     if not dynamic_batch:
-        return [input_shape]
-    batch, *rest = input_shape
+        return [input_shapes]
     if min_spatial is None:
-        return [input_shape, (batch + 1, *rest)]
-    channels, height, width = rest
-    second = height - 32 if known_floor and height - 32 >= min_spatial else height + 32
-    return [input_shape, (batch + 1, channels, second, width + 32)]
+        return [input_shapes, [(shape[0] + 1, *shape[1:]) for shape in input_shapes]]
+    height = input_shapes[0][2]
+    height = height - 32 if known_floor and height - 32 >= min_spatial else height + 32
+    return [input_shapes, [(shape[0] + 1, shape[1], height, shape[3] + 32) if len(shape) == 4 else
+                           (shape[0] + 1, *shape[1:]) for shape in input_shapes]]
 
 
-def _make_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
-    """Verification inputs, one feed per shape: the user's .npz (one feed as given), the user's images, or seeded
-    random images (`structured_noise`; normal noise for inputs that are not image-shaped)."""
+def _make_feeds(config: ExportConfig, arch: str | None, names: list[str],
+                shapes: list[list[tuple[int, ...]]]) -> list[dict[str, np.ndarray]]:
+    """Verification inputs, one feed per entry of `shapes`: the user's .npz (one feed as given), the user's images,
+    or seeded random images (`structured_noise`; normal noise for inputs that are not image-shaped)."""
     if config.inputs is not None:
-        array = _load_npz_input(config.inputs)
-        _check_npz_shape(config, array, shapes[0], dynamic_batch=len(shapes) > 1)
-        return [{INPUT_NAME: array}]
+        arrays = _load_npz_inputs(config.inputs, names)
+        for name, expected in zip(names, shapes[0]):
+            _check_npz_shape(config, name, arrays[name], expected, dynamic_batch=len(shapes) > 1)
+        return [arrays]
     if config.images is not None:
-        return _image_feeds(config, arch, shapes)
+        if len(names) > 1:
+            raise DeployError(f"--images verifies models with one image input; this one takes {len(names)} "
+                              f"({', '.join(names)}), so pass them as an .npz with --inputs.")
+        return [{names[0]: batch} for batch in _image_batches(config, arch, [s[0] for s in shapes])]
     generator = torch.Generator().manual_seed(0 if config.seed is None else config.seed)
-    if len(shapes[0]) == 4:
-        return [{INPUT_NAME: structured_noise(shape[0], shape[1:], generator).numpy()} for shape in shapes]
-    return [{INPUT_NAME: torch.randn(shape, generator=generator).numpy()} for shape in shapes]
+    return [{name: (structured_noise(shape[0], shape[1:], generator) if len(shape) == 4
+                    else torch.randn(shape, generator=generator)).numpy()
+             for name, shape in zip(names, feed_shapes)} for feed_shapes in shapes]
 
 
-def _image_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
+def _image_batches(config: ExportConfig, arch: str | None, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     """The user's images, preprocessed as the model expects. With two verification shapes and three or more images:
     batches of 1 and N-1 (every image once, the second batch at the second shape's size); with fewer images and a
     second size, every image at both sizes."""
@@ -369,14 +417,17 @@ def _image_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int,
                           f"pass --input-shape {len(first)}x{'x'.join(map(str, shapes[0][1:]))} or drop "
                           f"--static-batch.")
     if len(shapes) == 2 and len(first) >= 3:
-        return [{INPUT_NAME: first[:1]}, {INPUT_NAME: second if resized else first[1:]}]
-    return [{INPUT_NAME: first}] + ([{INPUT_NAME: second}] if resized else [])
+        return [first[:1], second if resized else first[1:]]
+    return [first] + ([second] if resized else [])
 
 
-def _load_npz_input(path: Path) -> np.ndarray:
+def _load_npz_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """One array per model input from an .npz: by the inputs' names, or (numpy.savez's positional ``arr_0``,
+    ``arr_1`` ...) in the inputs' order; a one-input model takes the file's only array whatever its name."""
+    example = f"numpy.savez(path, {', '.join(f'{n}=...' for n in names)})"
     if not path.is_file():
         raise DeployError(f"--inputs {path} {'is not a file' if path.exists() else 'does not exist'}; pass an .npz "
-                          f"file saved with numpy.savez.")
+                          f"file saved with {example}.")
     try:
         with open(path, "rb") as handle:
             head = handle.read(6)
@@ -389,30 +440,36 @@ def _load_npz_input(path: Path) -> np.ndarray:
     except (OSError, ValueError, EOFError, AttributeError, TypeError) as err:
         reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise DeployError(f"--inputs {path} is not a readable .npz file ({reason}); save the input with "
-                          f"numpy.savez(path, input=array).") from None
+                          f"{example}.") from None
     except Exception as err:  # zipfile.BadZipFile and other formats numpy cannot parse
         raise DeployError(f"--inputs {path} is not a readable .npz file ({type(err).__name__}); save the input "
-                          f"with numpy.savez(path, input=array).") from None
-    if INPUT_NAME in arrays:
-        array = arrays[INPUT_NAME]
-    elif len(arrays) == 1:
-        array = next(iter(arrays.values()))
-    elif not arrays:
-        raise DeployError(f"--inputs {path} holds no array; save the input with numpy.savez(path, input=array).")
+                          f"with {example}.") from None
+    if not arrays:
+        raise DeployError(f"--inputs {path} holds no array; save the input with {example}.")
+    if all(name in arrays for name in names):
+        chosen = {name: arrays[name] for name in names}
+    elif len(names) == 1 and len(arrays) == 1:
+        chosen = {names[0]: next(iter(arrays.values()))}
+    elif sorted(arrays) == [f"arr_{i}" for i in range(len(names))]:
+        chosen = {name: arrays[f"arr_{i}"] for i, name in enumerate(names)}
     else:
-        raise DeployError(f"--inputs {path} holds several arrays ({', '.join(arrays)}); name the model input "
-                          f"{INPUT_NAME!r}.")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise DeployError(f"The input in --inputs {path} has dtype {array.dtype}; save a floating-point array "
-                          f"(float32).")
-    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise DeployError(f"The input in --inputs {path} has {bad} NaN or infinite value(s); save finite numbers.")
-    return np.ascontiguousarray(array, dtype=np.float32)
+        wanted = ", ".join(repr(n) for n in names)
+        raise DeployError(f"--inputs {path} holds {', '.join(arrays)}, but the model's input(s) are {wanted}; save "
+                          f"one array per input under those names ({example}).")
+    for name, array in chosen.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise DeployError(f"The input {name!r} in --inputs {path} has dtype {array.dtype}; save a floating-point "
+                              f"array (float32).")
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise DeployError(f"The input {name!r} in --inputs {path} has {bad} NaN or infinite value(s); save finite "
+                              f"numbers.")
+    return {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in chosen.items()}
 
 
-def _check_npz_shape(config: ExportConfig, array: np.ndarray, expected: tuple[int, ...], dynamic_batch: bool) -> None:
-    """The .npz input must have the model's input shape: the batch may differ with a dynamic batch, height and
+def _check_npz_shape(config: ExportConfig, name: str, array: np.ndarray, expected: tuple[int, ...],
+                     dynamic_batch: bool) -> None:
+    """Each .npz input must have the model's input shape: the batch may differ with a dynamic batch, height and
     width with a dynamic spatial size."""
     free = {0} if dynamic_batch else set()
     if config.dynamic_spatial:
@@ -421,15 +478,54 @@ def _check_npz_shape(config: ExportConfig, array: np.ndarray, expected: tuple[in
         return
     got, want = "x".join(map(str, array.shape)), "x".join(map(str, expected))
     batch = " (any batch)" if dynamic_batch else ""
-    raise DeployError(f"The input in --inputs {config.inputs} has shape {got} but the export takes {want}{batch}; "
-                      f"save an array of that shape or pass --input-shape {got}.")
+    raise DeployError(f"The input {name!r} in --inputs {config.inputs} has shape {got} but the export takes "
+                      f"{want}{batch}; save an array of that shape or pass --input-shape {got}.")
 
 
-def _config_summary(config: ExportConfig, arch: str | None, input_shape: tuple[int, ...], dynamic_batch: bool,
-                    opset: int) -> dict:
+@dataclass
+class OutputSignature:
+    """The model's outputs as the file names them, and the structure the forward returns them in."""
+
+    names: list[str]
+    template: object  # `deploykit.signature.output_template`
+
+
+def _output_signature(model: nn.Module, feed: dict[str, np.ndarray], name: str, requested: list[str] | None,
+                      inputs: list[str]) -> OutputSignature:
+    """Run the model once on the first sample of `feed` to learn what it returns."""
+    with torch.inference_mode():
+        result = _run_or_explain(lambda: model(*(torch.from_numpy(a[:1]) for a in feed.values())), feed, name)
+    flat = flatten_outputs(result, where=name)
+    names = resolve_output_names([n for n, _ in flat], requested)
+    clash = sorted(set(names) & set(inputs))
+    if clash:
+        raise DeployError(f"{name}'s output(s) {', '.join(clash)} would have the name of an input, which ONNX "
+                          f"forbids; name the outputs with --output-names.")
+    return OutputSignature(names, output_template(result, names))
+
+
+def _torch_reference(model: nn.Module, feeds: list[dict[str, np.ndarray]], output_names: list[str],
+                     name: str) -> TorchReference:
+    return _run_or_explain(lambda: torch_reference(model, feeds, output_names), feeds[0], name)
+
+
+def _run_or_explain(run, feed: dict[str, np.ndarray], name: str):
+    """`run()`; PyTorch's errors on the verification input become one sentence naming the input's shape."""
+    try:
+        return run()
+    except (RuntimeError, ValueError) as err:
+        shapes = ", ".join("x".join(map(str, a.shape)) for a in feed.values())
+        what = "an input" if len(feed) == 1 else "inputs"
+        raise DeployError(f"{name} cannot take {what} of shape {shapes}: "
+                          f"{str(err).strip().splitlines()[0].rstrip('.')}.") from err
+
+
+def _config_summary(config: ExportConfig, arch: str | None, input_shapes: list[tuple[int, ...]],
+                    dynamic_batch: bool, opset: int) -> dict:
     summary = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "model"}
     summary.update(model=str(config.model) if not isinstance(config.model, nn.Module) else type(config.model).__name__,
-                   arch=arch, input_shape=list(input_shape), dynamic_batch=dynamic_batch, opset=opset,
+                   arch=arch, input_shape=list(input_shapes[0]) if len(input_shapes) == 1 else
+                   [list(shape) for shape in input_shapes], dynamic_batch=dynamic_batch, opset=opset,
                    lowering=config.lowering or "auto",
                    output_dir=str(config.output_dir) if config.output_dir else None,
                    inputs=str(config.inputs) if config.inputs else None,

@@ -36,9 +36,10 @@ failed sample broke when it failed, so the replay agrees with the verdict (`Veri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -47,6 +48,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc, RunResults
 
 from deploykit.log import polygraphy_quiet
+from deploykit.signature import flatten_outputs
 
 DEFAULT_RTOL = 1e-4
 FP16_RTOL = 1e-2  # an FP16 engine's tolerance: half precision keeps ~3 significant digits
@@ -225,16 +227,29 @@ def nudged(feeds: Sequence[Feed], seed: int = 0) -> list[Feed]:
 
 def run_torch(model: torch.nn.Module, feeds: Sequence[Feed], output_names: Sequence[str],
               dtype: torch.dtype = torch.float32) -> Iterations:
-    """`model`'s outputs on each feed, with floating-point inputs cast to `dtype`."""
+    """`model`'s outputs on each feed, with floating-point inputs cast to `dtype` (and, for float64, float64 as
+    the default dtype, so tensors the forward creates itself, e.g. a ``torch.linspace`` grid, are float64 too);
+    the outputs are flattened as the export flattens them (`deploykit.signature.flatten_outputs`)."""
     iterations = []
-    with torch.inference_mode():
+    with torch.inference_mode(), default_dtype(dtype):
         for feed in feeds:
             inputs = (torch.from_numpy(a).to(dtype) if np.issubdtype(a.dtype, np.floating) else torch.from_numpy(a)
                       for a in feed.values())
-            outputs = model(*inputs)
-            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-            iterations.append({name: out.detach().cpu().numpy() for name, out in zip(output_names, outputs)})
+            outputs = flatten_outputs(model(*inputs))
+            iterations.append({name: out.detach().cpu().numpy() for name, (_, out) in zip(output_names, outputs)})
     return iterations
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default floating-point dtype set to `dtype` (when it is one) for the block."""
+    previous = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def float64_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -135,12 +135,15 @@ def test_bad_inputs_are_refused_in_one_sentence(export_dir, feeds, fragments):
     assert_one_sentence(err.value, *fragments)
 
 
-def test_multi_io_models_need_run_and_one_batch(two_in_two_out):
+def test_multi_io_models_take_every_input_and_one_batch(two_in_two_out):
+    """A bare file has no recorded structure: its two outputs come back as a dict by name."""
     predictor = Predictor(two_in_two_out)
-    a = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
+    a, b = (np.random.default_rng(seed).standard_normal((2, 3)).astype(np.float32) for seed in (1, 2))
+    outputs = predictor(a, b)
+    assert set(outputs) == {"sum", "product"} and np.array_equal(outputs["product"], a * b)
     with pytest.raises(DeployError) as err:
         predictor(a)
-    assert_one_sentence(err.value, "2 inputs and 2 outputs", "predictor.run")
+    assert_one_sentence(err.value, "takes 2 input(s) (a, b) but 1 were given", "predictor.run")
     with pytest.raises(DeployError) as err:
         predictor.run({"a": a, "b": a[:1]})
     assert_one_sentence(err.value, "different batch sizes", "a: 2", "b: 1")

@@ -91,9 +91,77 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
                 verbose=verbose,
                 report=False, optimize=True)
         except Exception as err:  # the exporter raises many types; all mean "this model did not export"
+            if dynamic_batch and "SymbolicTensor" in str(err):
+                raise DeployError(BATCH_IN_GROUPS) from err
             raise DeployError(f"torch.onnx could not export the model: {_summary(err)} (run with -v for the "
                               f"exporter's full report).") from err
     return attach_functions(program.model_proto, custom_ops, opset)
+
+
+BATCH_IN_GROUPS = (
+    "torch.onnx could not export the model with a dynamic batch: a layer puts the batch into a conv's groups (the "
+    "per-sample kernels of the official CondConv, DY-CNN and ODConv code: groups = batch x g), which ONNX's static "
+    "group attribute cannot hold; deploykit converts the official classes it recognises (docs/own-model.md), so "
+    "for this one export with --static-batch (the file then takes this batch only), or rebuild it from deploykit.nn "
+    "layers, or load its weights into the zoo model with --arch.")
+
+
+def check_exported_dims(onnx_model: onnx.ModelProto, model: nn.Module, example: dict[str, torch.Tensor | object],
+                        dynamic_batch: bool, dynamic_spatial: bool) -> None:
+    """Refuse a file whose inputs lost the symbolic dims that were asked for.
+
+    torch.onnx relaxes a dynamic dim that the model's code turns into a Python number (``int(x.shape[0])``,
+    ``.item()`` on a size) into a constant without a word; such a file would fail on any other batch. The layer
+    responsible is named by tracing again (`specialising_module`)."""
+    wanted = ({0: BATCH_DIM_NAME} if dynamic_batch else {}) | \
+        (dict(zip((2, 3), SPATIAL_DIM_NAMES)) if dynamic_spatial else {})
+    for value in onnx_model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis, what in wanted.items():
+            if axis >= len(dims) or (axis > 0 and len(dims) != 4) or not dims[axis].HasField("dim_value"):
+                continue
+            culprit = specialising_module(model, tuple(torch.as_tensor(a) for a in example.values()), axis)
+            where = (f"{culprit[0] or 'the model'} ({culprit[1]}) turns it into a Python number (int() or .item() "
+                     f"on a size)") if culprit else "the model's code turns it into a Python number (int() or .item() "\
+                                                  "on a size)"
+            raise DeployError(f"The exported file fixed the {what} of input {value.name!r} at {dims[axis].dim_value} "
+                              f"although a dynamic {what} was asked: {where}; convert that layer to a deploykit.nn "
+                              f"layer (docs/own-model.md), or export with "
+                              f"{'--static-batch' if axis == 0 else 'a static size (drop --dynamic-spatial)'}.")
+
+
+def specialising_module(model: nn.Module, examples: tuple[torch.Tensor, ...], axis: int) -> tuple[str, str] | None:
+    """(path, class) of the innermost module after whose forward dim `axis` of the first input is a constant
+    under torch.export's symbolic tracing, the batch (or size) marked dynamic; None if none is found."""
+    found: list[tuple[str, str]] = []
+    symbol = []
+
+    def remember(_module, args) -> None:
+        size = args[0].shape[axis] if args and isinstance(args[0], torch.Tensor) else None
+        if isinstance(size, torch.SymInt) and not symbol:
+            symbol.append(size.node)
+
+    def check(name: str, module: nn.Module) -> None:
+        if found or not symbol:
+            return
+        node = symbol[0]
+        if node.shape_env.replace(node.expr).is_number:
+            found.append((name, type(module).__name__))
+
+    handles = [model.register_forward_pre_hook(remember)]
+    handles += [module.register_forward_hook(lambda m, a, o, name=name: check(name, m))
+                for name, module in model.named_modules()]
+    examples = tuple(_with_batch(e, max(_TRACE_BATCH, e.shape[0])) for e in examples)
+    dims = [{axis: torch.export.Dim("probe", min=2)} if e.dim() > axis else None for e in examples]
+    try:
+        with _quiet(True):
+            torch.export.export(model, examples, dynamic_shapes=tuple(dims), strict=False)
+    except Exception:  # expected: the specialisation violates the constraint once tracing ends
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def _dynamic_shapes(examples: tuple[torch.Tensor, ...], spatial: bool, min_spatial: int) -> tuple[dict, ...]:

@@ -1,8 +1,10 @@
 """`Predictor`: run an exported model from Python, in onnxruntime or as a TensorRT engine, with checked inputs.
 
     predictor = Predictor("deploykit-out/scnet50")        # an export directory, or a bare .onnx / .plan file
-    y = predictor(x)                                      # one input, one output
-    outputs = predictor.run({"input": x})                 # name -> array
+    y = predictor(x)                                      # what the PyTorch model returned: an array, or the
+    y = predictor(image, meta)                            #   tuple / list / dict of arrays (an export directory
+                                                          #   records the structure), inputs in forward order
+    outputs = predictor.run({"input": x})                 # name -> array, every output
 
 Inputs are checked before they reach the runtime, so a wrong name, dtype, rank or size fails with one sentence
 naming it instead of a runtime's stack trace. Inputs are never cast: a float64 array for a float32 model is
@@ -31,6 +33,7 @@ from deploykit.errors import DeployError
 from deploykit.log import polygraphy_quiet
 from deploykit.runtime import trt
 from deploykit.runtime.ort import session_from_onnx
+from deploykit.signature import fill_template
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 _SUFFIX_RUNTIMES = {".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt"}
@@ -76,13 +79,20 @@ class Predictor:
         self.inputs: list[TensorInfo] = self._backend.inputs
         self.outputs: list[TensorInfo] = self._backend.outputs
         self.providers: list[str] = self._backend.providers  # onnxruntime's execution providers; [] for TensorRT
+        # What the PyTorch model returned, with output names for its tensors (`deploykit.signature`); a bare file
+        # has no report: one output comes back as an array, several as a dict by name.
+        names = [info.name for info in self.outputs]
+        self.output_structure = report.get("export", {}).get("output_structure") or \
+            (names[0] if len(names) == 1 else {"dict": {name: name for name in names}})
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """The output of a one-input, one-output model for `x`."""
-        if len(self.inputs) != 1 or len(self.outputs) != 1:
-            raise DeployError(f"The model has {len(self.inputs)} inputs and {len(self.outputs)} outputs, so call "
-                              f"predictor.run({{name: array, ...}}), which returns every output by name.")
-        return self.run({self.inputs[0].name: x})[self.outputs[0].name]
+    def __call__(self, *inputs: np.ndarray):
+        """The model's outputs for `inputs` (one array per model input, in the order of `inputs`), in the
+        structure the PyTorch model returned them: an array, or a tuple, list or dict of arrays."""
+        if len(inputs) != len(self.inputs):
+            expected = ", ".join(info.name for info in self.inputs)
+            raise DeployError(f"The model takes {len(self.inputs)} input(s) ({expected}) but {len(inputs)} were "
+                              f"given; pass one array per input, or call predictor.run({{name: array, ...}}).")
+        return fill_template(self.output_structure, self.run(dict(zip((i.name for i in self.inputs), inputs))))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output, by name, for the input arrays in `feeds` (any batch size)."""
