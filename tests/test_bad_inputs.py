@@ -175,7 +175,7 @@ CASES = [
     Case("inputs_nan", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--inputs", str(npz(
         t / "x.npz", input=np.full((1, 3, 8, 8), np.nan, np.float32)))], "192 NaN or infinite value(s)"),
     Case("inputs_several_arrays", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--inputs", str(npz(
-        t / "x.npz", a=np.zeros(3), b=np.zeros(3)))], "holds several arrays (a, b)"),
+        t / "x.npz", a=np.zeros(3), b=np.zeros(3)))], "holds a, b, but the model's input(s) are 'input'"),
     Case("inputs_not_npz", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--inputs",
                                             str(_write(t / "x.npz", b"hello"))],
          "is not a readable .npz file"),
@@ -215,7 +215,7 @@ CASES = [
          "pass the images too"),
     Case("zero_threads", lambda t, s, m: ["--model", str(s["od"]), "--threads", "0"], "--threads must be at least 1"),
     Case("missing_model_option", lambda t, s, m: ["--arch", "scnet50"],
-         "the following arguments are required: --model"),
+         "No model given: pass --model (a checkpoint), or --arch path/to/net.py:factory"),
     Case("unavailable_provider", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--providers", "cuda"],
          "does not offer CUDAExecutionProvider"),
 ]

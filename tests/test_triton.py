@@ -353,7 +353,8 @@ def test_a_failed_verification_writes_no_repository_unless_forced(tmp_path, forc
     result = export_model(ExportConfig(model=diverging, input_shape=(1, 3, 16, 16),
                                        output_dir=tmp_path / "out", triton_repo=repo, force=force))
     assert result.verdict == "failed" and result.report["triton"]["written"] is force
-    assert (repo / "model" / "config.pbtxt").is_file() is force and repo.exists() is force
+    # Named after the class of the module given as is.
+    assert (repo / "DivergesWhenExported" / "config.pbtxt").is_file() is force and repo.exists() is force
 
 
 def test_triton_options_without_a_repository_are_refused():
