@@ -13,7 +13,7 @@ import traceback
 
 from deploykit import log
 from deploykit.checkpoint import TRUST_PICKLE_FLAG
-from deploykit.config import ExportConfig, parse_floats, parse_names, parse_shape
+from deploykit.config import ExportConfig, parse_floats, parse_ints, parse_names, parse_shape
 from deploykit.errors import DeployError
 from deploykit.export.custom_op import LOWERINGS
 from deploykit.export.onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--input-shape", type=_shape, metavar="BxCxHxW", action="append",
                         help="input shape including batch (default: 1x<model's native input>, e.g. 1x3x224x224); "
                              "repeat it, in the forward's argument order, for a model with several inputs")
+    export.add_argument("--out-indices", type=_ints, metavar="I,J,...",
+                        help="a zoo detection backbone (dcn_resnet50, dcnv1_resnet50): export the feature maps of "
+                             "these stages (0-3, mmdet's out_indices) as outputs c2..c5 instead of the classifier")
     export.add_argument("--output-names", type=_names, metavar="A,B,...",
                         help="names of the ONNX outputs, one per tensor the model returns (default: 'output'; dict "
                              "keys; output_0, output_1, ... for a tuple or list)")
@@ -140,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
         model=args.model, arch=args.arch, output_dir=args.output_dir,
         input_shape=args.input_shape[0] if args.input_shape and len(args.input_shape) == 1 else args.input_shape,
-        output_names=args.output_names,
+        output_names=args.output_names, out_indices=args.out_indices,
         dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial, opset=args.opset,
         lowering=args.lowering, inputs=args.inputs, images=args.images, mean=args.mean, std=args.std,
         seed=args.seed, rtol=args.rtol, atol=args.atol,
@@ -204,4 +207,5 @@ def _argument_type(parse):
     return convert
 
 
-_floats, _shape, _names = _argument_type(parse_floats), _argument_type(parse_shape), _argument_type(parse_names)
+_floats, _shape, _names, _ints = (_argument_type(parse) for parse in (parse_floats, parse_shape, parse_names,
+                                                                      parse_ints))

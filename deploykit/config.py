@@ -27,6 +27,9 @@ class ExportConfig:
         input_shape: full input shape including the batch, e.g. (1, 3, 224, 224); a list of them for a model with
             several inputs (in the forward's argument order, all with the same batch). Defaults to batch 1 at the
             zoo model's native resolution.
+        out_indices: for a zoo backbone that can (`ModelSpec.feature_levels`: the DCN ResNets), export the feature
+            maps of these stages (0-3, mmdet's ``out_indices``) as outputs ``c2``-``c5`` instead of the classifier.
+            Defaults to None.
         output_names: names of the ONNX outputs, one per tensor the forward returns (flattened depth first).
             Defaults to ``output`` for one tensor, dict keys for a dict, ``output_0``, ``output_1`` ... for a
             sequence (`deploykit.signature`).
@@ -69,6 +72,7 @@ class ExportConfig:
     output_dir: str | os.PathLike | None = None
     input_shape: tuple[int, ...] | list[tuple[int, ...]] | None = None
     output_names: list[str] | None = None
+    out_indices: tuple[int, ...] | None = None
     dynamic_batch: bool | None = None
     dynamic_spatial: bool = False
     opset: int | None = None
@@ -101,6 +105,13 @@ class ExportConfig:
                               "model whose factory makes its own weights.")
         if self.input_shape is not None:
             self.input_shape = _shapes(self.input_shape)
+        if self.out_indices is not None:
+            self.out_indices = tuple(int(i) for i in self.out_indices)
+            if not self.out_indices or len(set(self.out_indices)) != len(self.out_indices) or \
+                    not all(0 <= i <= 3 for i in self.out_indices):
+                raise DeployError(f"--out-indices {','.join(map(str, self.out_indices))} is not a set of distinct "
+                                  f"stages from 0 to 3, such as 0,1,2,3.")
+            self.out_indices = tuple(sorted(self.out_indices))
         if self.output_names is not None:
             self.output_names = [str(name) for name in self.output_names]
             if not self.output_names or not all(self.output_names):
@@ -191,3 +202,11 @@ def parse_names(text: str) -> list[str]:
     if not all(names):
         raise DeployError(f"{text!r} is not a comma-separated list of names such as logits,embedding.")
     return names
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """Parse "0,1,2,3" into a tuple of ints."""
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise DeployError(f"{text!r} is not a comma-separated list of integers such as 0,1,2,3.") from None

@@ -84,6 +84,10 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     if config.triton_repo is not None:  # a bad name or an unwritable repository fails before the slow steps
         check_triton_target(config.triton_repo, _triton_name(config, name), **_triton_options(config))
 
+    if config.out_indices is not None and (arch is None or not model_spec(arch).feature_levels):
+        backbones = ", ".join(sorted(n for n, spec in MODELS.items() if spec.feature_levels))
+        raise DeployError(f"--out-indices selects the stages a zoo detection backbone ({backbones}) returns; "
+                          f"{name} is not one, so return the feature maps from its own forward instead.")
     # A size the model cannot take fails before the build.
     input_shapes = _resolve_input_shapes(config.input_shape, arch)
     if config.engine and len(input_shapes) > 1:
@@ -290,7 +294,8 @@ def _build(config: ExportConfig, arch: str | None, checkpoint: Checkpoint | None
         return build_user_model(config.arch, checkpoint)
     if checkpoint.module is not None:
         return checkpoint.module.eval()
-    return build_model(arch, checkpoint.arch_kwargs, checkpoint.state_dict)
+    levels = {"out_indices": config.out_indices} if config.out_indices is not None else {}
+    return build_model(arch, {**checkpoint.arch_kwargs, **levels}, checkpoint.state_dict)
 
 
 def _model_name(config: ExportConfig, arch: str | None, checkpoint: Checkpoint | None) -> str:

@@ -378,12 +378,14 @@ def agreement(candidate: Iterations, pytorch: Iterations) -> dict:
     name = next(iter(candidate[0])) if candidate and candidate[0] else None
     if name is None or candidate[0][name].ndim == 0:
         return {}
-    actual = np.concatenate([it[name].reshape(len(it[name]), -1) for it in candidate]).astype(np.float64)
-    expected = np.concatenate([it[name].reshape(len(it[name]), -1) for it in pytorch]).astype(np.float64)
-    norms = np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1)
-    cosine = np.sum(actual * expected, axis=1) / np.where(norms > 0, norms, 1.0)
-    result = {"output": name, "samples": len(actual), "cosine_min": float(cosine.min())}
-    if candidate[0][name].ndim == 2 and actual.shape[1] > 1:
+    # Per sample: feature maps of a dynamic-size export differ in size from one verification batch to the next.
+    pairs = [(a.astype(np.float64).ravel(), e.astype(np.float64).ravel())
+             for it, ref in zip(candidate, pytorch) for a, e in zip(it[name], ref[name])]
+    cosine = np.array([np.dot(a, e) / (np.linalg.norm(a) * np.linalg.norm(e) or 1.0) for a, e in pairs])
+    result = {"output": name, "samples": len(pairs), "cosine_min": float(cosine.min())}
+    if candidate[0][name].ndim == 2 and candidate[0][name].shape[1] > 1:
+        actual = np.concatenate([it[name] for it in candidate]).astype(np.float64)
+        expected = np.concatenate([it[name] for it in pytorch]).astype(np.float64)
         result["top1"] = float(np.mean(actual.argmax(1) == expected.argmax(1)))
         if actual.shape[1] >= 5:
             top5 = lambda scores: np.sort(np.argsort(-scores, axis=1)[:, :5], axis=1)  # noqa: E731

@@ -34,6 +34,7 @@ class ModelSpec:
     static_spatial: str | None = None  # why one file cannot serve every input size, if it cannot (see
     #                                    `check_dynamic_spatial`); fixed-size models cannot either
     preprocessing: Preprocessing = IMAGENET  # how its evaluation images are made (`export.py --images`)
+    feature_levels: bool = False  # can return its stages' feature maps as outputs (``out_indices``, a backbone)
 
 
 # SCConv's calibration branch average-pools by 4 at the last stage (1/32 of the input): 128 = 32 * 4.
@@ -68,9 +69,10 @@ MODELS: dict[str, ModelSpec] = {
                                           static_spatial="TF 'SAME' padding of its strided CondConvs depends on "
                                                          "the input size"),
     "dcn_resnet50": ModelSpec(dcn.dcn_resnet50, (3, 224, 224),
-                              "ResNet-50, modulated deformable convs (DCNv2) in stages 3-5, mmdet keys"),
+                              "ResNet-50, modulated deformable convs (DCNv2) in stages 3-5, mmdet keys",
+                              feature_levels=True),
     "dcnv1_resnet50": ModelSpec(dcn.dcnv1_resnet50, (3, 224, 224),
-                                "ResNet-50, deformable convs v1 in stages 3-5, mmdet keys"),
+                                "ResNet-50, deformable convs v1 in stages 3-5, mmdet keys", feature_levels=True),
     **{f"acmix_resnet{depth}": ModelSpec(getattr(acmix, f"acmix_resnet{depth}"), (3, 224, 224),
                                          f"ResNet-{depth} with ACmix bottleneck convs (LeapLabTHU/ACmix): k_att 7, "
                                          f"4 heads", min_size=_ACMIX_MIN_SIZE, static_spatial=_ACMIX_STATIC)

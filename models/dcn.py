@@ -9,6 +9,8 @@ names mmdet's ResNet uses too) with its ImageNet classifier ``fc``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from deploykit.nn.deform_conv import DeformConv2d, ModulatedDeformConv2d
@@ -25,21 +27,22 @@ def _deformable_3x3(layer: type[nn.Module]) -> ConvFactory:
     return conv
 
 
-def _dcn_resnet50(layer: type[nn.Module], num_classes: int) -> ResNet:
+def _dcn_resnet50(layer: type[nn.Module], num_classes: int, out_indices: Sequence[int] | None) -> ResNet:
     deformable = _deformable_3x3(layer)
     model = ResNet(Bottleneck, (3, 4, 6, 3), conv=(plain_conv, deformable, deformable, deformable),
-                   num_classes=num_classes)
+                   num_classes=num_classes, out_indices=out_indices)
     for module in model.modules():  # ResNet's init touched the offset convs; mmcv's own init keeps them at zero
         if isinstance(module, (DeformConv2d, ModulatedDeformConv2d)):
             nn.init.zeros_(module.conv_offset.weight)
     return model
 
 
-def dcn_resnet50(num_classes: int = 1000) -> ResNet:
-    """ResNet-50 with modulated deformable convs (DCNv2) in stages 3-5."""
-    return _dcn_resnet50(ModulatedDeformConv2d, num_classes)
+def dcn_resnet50(num_classes: int = 1000, out_indices: Sequence[int] | None = None) -> ResNet:
+    """ResNet-50 with modulated deformable convs (DCNv2) in stages 3-5; `out_indices`: the stages' feature maps
+    as outputs (a detection backbone)."""
+    return _dcn_resnet50(ModulatedDeformConv2d, num_classes, out_indices)
 
 
-def dcnv1_resnet50(num_classes: int = 1000) -> ResNet:
+def dcnv1_resnet50(num_classes: int = 1000, out_indices: Sequence[int] | None = None) -> ResNet:
     """ResNet-50 with deformable convs v1 (no mask) in stages 3-5."""
-    return _dcn_resnet50(DeformConv2d, num_classes)
+    return _dcn_resnet50(DeformConv2d, num_classes, out_indices)

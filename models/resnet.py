@@ -77,12 +77,17 @@ class ResNet(nn.Module):
         dropout: dropout before the classifier (ODConv's ResNets use 0.1), or None for none.
         num_classes: classifier outputs; 0 builds the backbone alone (as mmdet's ResNet), whose output is the
             last stage's feature map [N, 512 * expansion, H/32, W/32].
+        out_indices: return the feature maps of these stages (0-3, mmdet's ``out_indices``) instead, as a dict
+            ``{"c2": ..., "c5": ...}`` (``c<i + 2>``: stride 2^(i + 2)), what a detector's neck consumes; the
+            classifier, if any, is then not run.
     """
 
     def __init__(self, block: type[nn.Module], layers: tuple[int, int, int, int],
                  conv: ConvFactory | Sequence[ConvFactory],
-                 shortcut_conv: ConvFactory = plain_conv, num_classes: int = 1000, dropout: float | None = None):
+                 shortcut_conv: ConvFactory = plain_conv, num_classes: int = 1000, dropout: float | None = None,
+                 out_indices: Sequence[int] | None = None):
         super().__init__()
+        self.out_indices = tuple(out_indices) if out_indices is not None else None
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -108,8 +113,16 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, 1, None, conv) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.out_indices is not None:
+            features = {}
+            for index, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+                x = stage(x)
+                if index in self.out_indices:
+                    features[f"c{index + 2}"] = x
+                if index == max(self.out_indices):
+                    return features
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if self.fc is None:
             return x

@@ -341,3 +341,70 @@ def test_a_user_package_named_models_is_not_shadowed_by_the_zoo(tmp_path):
     done = run("--arch", "models.mine:build", "--input-shape", "1x3x8x8", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "deploykit-out" / "build" / "model.onnx").is_file()
+
+
+# --- detection: every level a neck consumes, dynamic batch and size -------------------------------------------------
+
+class TinyDetector(nn.Module):
+    """A two-level backbone and a head with a modulated deformable conv shared by both levels, returning per-level
+    maps (box decoding and NMS stay outside the graph, as with any detector deployed through ONNX)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from deploykit.nn import ModulatedDeformConv2d
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.level3 = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.level4 = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.head = ModulatedDeformConv2d(8, 8, 3, padding=1)
+        self.classes = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        p3 = self.level3(self.stem(x))
+        p4 = self.level4(p3)
+        return {"p3": self.classes(self.head(p3)), "p4": self.classes(self.head(p4))}
+
+
+def test_a_detector_with_a_deformable_head_exports_every_level(tmp_path):
+    model = seeded(TinyDetector())
+    with torch.no_grad():  # offsets of about a pixel, so the deformable sampling is exercised, not a plain conv
+        model.head.conv_offset.weight.mul_(0.1)
+    result = export_model(ExportConfig(model=model, input_shape=(1, 3, 40, 40), dynamic_spatial=True,
+                                       output_dir=tmp_path / "out"))
+    assert result.verdict == "passed", result.report["verification"]["samples"]
+    assert result.report["export"]["outputs"] == ["p3", "p4"]
+    assert "deploykit::DeformConv2d" in result.report["export"]["custom_nodes"]
+    graph = onnx.load(result.files["model.onnx"]).graph
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "", "height", "width"]
+    verified = result.report["export"]["dynamic_spatial"]["verified_shapes"]
+    assert verified == [[[1, 3, 40, 40]], [[2, 3, 72, 72]]]
+
+
+def test_out_indices_only_for_backbones(tmp_path):
+    with pytest.raises(DeployError) as err:
+        export_model(ExportConfig(model=seeded(TupleOut()), input_shape=(1, 3, 10, 10), out_indices=(0, 1),
+                                  output_dir=tmp_path / "out"))
+    assert_one_sentence(err.value, "dcn_resnet50", "TupleOut is not one")
+    with pytest.raises(DeployError, match="distinct stages from 0 to 3"):
+        ExportConfig(model="x.pt", out_indices=(1, 4))
+
+
+@pytest.mark.slow
+def test_mmdet_dcn_backbone_exports_the_levels_a_neck_consumes(tmp_path):
+    """An mmdet detector checkpoint (backbone + neck + head keys): the DCN ResNet-50 backbone with out_indices
+    0-3, dynamic batch and size, each level a named output."""
+    from deploykit.models import random_model
+
+    backbone = random_model("dcn_resnet50", input_shape=(3, 96, 96))
+    state_dict = {f"backbone.{k}": v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    state_dict["neck.lateral_convs.0.conv.weight"] = torch.randn(256, 256, 1, 1)
+    torch.save({"state_dict": state_dict, "meta": {"epoch": 12}}, tmp_path / "faster_rcnn_r50_dconv_c3-c5.pth")
+    done = subprocess.run([sys.executable, str(REPO / "export.py"), "--model",
+                           str(tmp_path / "faster_rcnn_r50_dconv_c3-c5.pth"), "--arch", "dcn_resnet50",
+                           "--out-indices", "0,1,2,3", "--input-shape", "1x3x96x96", "--dynamic-spatial",
+                           "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["export"]["outputs"] == ["c2", "c3", "c4", "c5"]
+    assert {s["output"] for s in report["verification"]["samples"] if s["status"] == "passed"} == \
+        {"c2", "c3", "c4", "c5"}
