@@ -332,31 +332,42 @@ def reference_deform_conv(x, offset, mask, weight, bias, stride, padding, dilati
     return torch.from_numpy(y).to(x.dtype)
 
 
+def _deform_layer(layer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+    """The attributes and weight mmcv's and torchvision's layers share (sizes stored as pairs)."""
+    layer.in_channels, layer.out_channels, layer.groups = in_channels, out_channels, groups
+    layer.kernel_size, layer.stride = _pair(kernel_size), _pair(stride)
+    layer.padding, layer.dilation = _pair(padding), _pair(dilation)
+    layer.weight = nn.Parameter(torch.Tensor(out_channels, in_channels // groups, *layer.kernel_size))
+
+
+class _Pack:
+    """mmcv's pack layers: the offset (and mask) conv, with the layer's stride, padding and dilation."""
+
+    outputs_per_tap = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_offset = nn.Conv2d(self.in_channels, self.deform_groups * self.outputs_per_tap *
+                                     self.kernel_size[0] * self.kernel_size[1], self.kernel_size, self.stride,
+                                     self.padding, self.dilation, bias=True)
+
+
 @_official("mmcv.ops.deform_conv")
 class DeformConv2d(nn.Module):  # mmcv's (DCNv1, offset from outside, no bias)
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  deform_groups=1, bias=False, im2col_step=32):
         super().__init__()
         assert not bias
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self.groups, self.deform_groups, self.im2col_step = groups, deform_groups, im2col_step
+        _deform_layer(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        self.deform_groups, self.im2col_step = deform_groups, im2col_step
         self.transposed, self.output_padding = False, _pair(0)
-        self.weight = nn.Parameter(torch.Tensor(out_channels, in_channels // groups, *self.kernel_size))
 
     def forward(self, x, offset):
         return reference_deform_conv(x, offset, None, self.weight, None, self.stride, self.padding, self.dilation)
 
 
 @_official("mmcv.ops.deform_conv")
-class DeformConv2dPack(DeformConv2d):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.conv_offset = nn.Conv2d(self.in_channels, self.deform_groups * 2 * self.kernel_size[0] *
-                                     self.kernel_size[1], self.kernel_size, self.stride, self.padding,
-                                     self.dilation, bias=True)
-
+class DeformConv2dPack(_Pack, DeformConv2d):
     def forward(self, x):
         return super().forward(x, self.conv_offset(x))
 
@@ -366,12 +377,9 @@ class ModulatedDeformConv2d(nn.Module):  # mmcv's (DCNv2, offset and mask from o
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  deform_groups=1, bias=True):
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self.groups, self.deform_groups = groups, deform_groups
+        _deform_layer(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        self.deform_groups = deform_groups
         self.transposed, self.output_padding = False, _pair(0)
-        self.weight = nn.Parameter(torch.Tensor(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.Tensor(out_channels)) if bias else None
 
     def forward(self, x, offset, mask):
@@ -380,12 +388,8 @@ class ModulatedDeformConv2d(nn.Module):  # mmcv's (DCNv2, offset and mask from o
 
 
 @_official("mmcv.ops.modulated_deform_conv")
-class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.conv_offset = nn.Conv2d(self.in_channels, self.deform_groups * 3 * self.kernel_size[0] *
-                                     self.kernel_size[1], self.kernel_size, self.stride, self.padding,
-                                     self.dilation, bias=True)
+class ModulatedDeformConv2dPack(_Pack, ModulatedDeformConv2d):
+    outputs_per_tap = 3
 
     def forward(self, x):
         o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
@@ -398,10 +402,7 @@ class TorchvisionDeformConv2d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
         super().__init__()
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        _deform_layer(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
 
     def forward(self, input, offset, mask=None):  # noqa: A002 (the official name)
