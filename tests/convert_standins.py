@@ -184,7 +184,7 @@ class CondConv2d(nn.Module):
             static = stride == 1 and (dilation * (kernel_size - 1)) % 2 == 0
             padding_value, self.dynamic_padding = (symmetric, False) if static else (0, True)
         else:
-            padding_value, self.dynamic_padding = (symmetric if padding == "" else padding), False
+            padding_value, self.dynamic_padding = {"": symmetric, "valid": 0}.get(padding, padding), False
         self.padding = _pair(padding_value)
         self.groups, self.num_experts = groups, num_experts
         self.weight_shape = (out_channels, in_channels // groups) + self.kernel_size

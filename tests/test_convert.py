@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convert_standins as sa
-from conftest import randomize_batchnorm
+from conftest import random_conv_config, randomize_batchnorm
 from deploykit import nn as dk
 from deploykit.convert import LeftAlone, Swap, convert, export_translations
 from deploykit.export.onnx import onnx_from_model
@@ -194,6 +196,62 @@ def test_converted_model_exports_with_a_dynamic_batch(family):
             expected = reference(family_input(family, batch)).numpy()
         actual = session.run(None, {"input": family_input(family, batch, torch.float32).numpy()})[0]
         assert rel_to_range(actual, expected) <= 1e-4, batch
+
+
+def random_layer(family: str, seed: int) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, ...]]]:
+    """One stand-in layer of a random configuration (conftest's conv shapes where they apply) and its inputs."""
+    rng = random.Random(seed)
+    c = random_conv_config(seed)
+    k, s, d, g = c["kernel"], c["stride"], c["dilation"], c["groups"]
+    size = (c["height"], c["width"])
+    if family == "odconv":
+        layer = sa.ODConv2d(c["in_channels"], c["out_channels"], k, s, d * (k // 2), d, g, kernel_num=c["experts"])
+        layer.update_temperature(rng.uniform(0.5, 5))
+    elif family == "dyconv":  # the official forward runs with groups=1 only
+        layer = sa.Dynamic_conv2d(c["in_channels"], c["out_channels"], k, stride=s, padding=rng.randint(0, 2),
+                                  dilation=d, bias=rng.random() < 0.5, K=c["experts"],
+                                  temperature=rng.choice([1, 4, 31, 34]))
+    elif family == "condconv":
+        layer = sa.CondConv2d(c["in_channels"], c["out_channels"], k, s, rng.choice(["", "same", "valid", 1]), d, g,
+                              bias=rng.random() < 0.5, num_experts=c["experts"])
+    elif family == "deform_conv":
+        pack = rng.choice([sa.DeformConv2dPack, sa.ModulatedDeformConv2dPack])
+        layer = pack(c["in_channels"], c["out_channels"], k, s, rng.randint(0, 2), d, g,
+                     deform_groups=rng.choice([1, 2]) if c["in_channels"] % 2 == 0 else 1,
+                     bias=pack is sa.ModulatedDeformConv2dPack and rng.random() < 0.5)
+    elif family == "tvconv":
+        stride, size = rng.choice([1, 2]), (rng.randint(3, 6), rng.randint(3, 6))
+        layer = sa.TVConv(c["in_channels"], rng.choice([1, 3, 5]), stride, rng.randint(1, 4), rng.randint(2, 6),
+                          rng.randint(0, 2), rng.random() < 0.5, *size)
+        size = (size[0] * stride, size[1] * stride)
+    else:  # acmix: sizes divisible by the stride and above the reflection padding
+        head, kernel_att, stride = rng.choice([1, 2, 4]), rng.choice([1, 3, 5]), rng.choice([1, 2])
+        layer = sa.ACmix(c["in_channels"], head * rng.randint(1, 3), kernel_att, head, 3, stride)
+        size = (2 * rng.randint(2, 5), 2 * rng.randint(2, 5))
+    layer = randomized(layer.double())
+    experts = c["experts"]
+
+    def inputs(batch: int) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(seed + batch)
+        x = torch.randn(batch, c["in_channels"], *size, generator=generator, dtype=torch.float64) + 0.2
+        if family != "condconv":
+            return (x,)
+        return x, torch.sigmoid(torch.randn(batch, experts, generator=generator, dtype=torch.float64))
+
+    return layer, inputs
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_layer_configurations_convert_exactly(family, seed):
+    layer, inputs = random_layer(family, seed)
+    conversion = convert(layer)
+    assert len(conversion.swaps) == 1 and conversion.left_alone == []
+    for batch in (1, 3):
+        with torch.no_grad():
+            expected, actual = layer(*inputs(batch)), conversion.model(*inputs(batch))
+        assert expected.std() > 0
+        assert rel_to_range(actual.numpy(), expected.numpy()) <= 1e-10, batch
 
 
 def test_temperatures_are_carried_over():
