@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import random
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import convert_standins as sa
-from conftest import random_conv_config, randomize_batchnorm
+from conftest import assert_one_sentence, random_conv_config, randomize_batchnorm
 from deploykit import nn as dk
 from deploykit.convert import LeftAlone, Swap, convert, export_translations
+from deploykit.errors import DeployError
 from deploykit.export.onnx import onnx_from_model
 from deploykit.runtime.ort import session_from_onnx
 from deploykit.verify import rel_to_range
@@ -298,8 +300,9 @@ def test_look_alikes_are_left_alone_with_the_reason(path, reason):
     left = {entry.path: entry for entry in conversion.left_alone}
     assert set(left) == {"plain", "single", "inner.0", "inner.1"}
     assert left[path].reason == reason
-    assert left[path].source == f"{type(model.get_submodule(path)).__module__}.{type(model.get_submodule(path)).__name__}"
-    assert type(conversion.model.get_submodule(path)) is type(model.get_submodule(path))
+    original = type(model.get_submodule(path))
+    assert left[path].source == f"{original.__module__}.{original.__name__}"
+    assert type(conversion.model.get_submodule(path)) is original
     assert [s.path for s in conversion.swaps] == ["real"]  # the real one next to them is still swapped
 
 
@@ -320,6 +323,16 @@ def test_inplace_keeps_the_object_the_mode_sharing_and_frozen_parameters():
     assert model[0] is model[2] and isinstance(model[0], dk.ODConv2d)
     assert model.training and model[0].training
     assert not model[0].attention.fc.weight.requires_grad and model[0].weight.requires_grad
+
+
+def test_a_model_that_cannot_be_copied_is_refused_in_one_sentence_or_converted_in_place():
+    model = nn.Sequential(sa.ODConv2d(4, 4, 3))
+    model.lock = threading.Lock()  # deepcopy cannot copy it
+    with pytest.raises(DeployError) as caught:
+        convert(model)
+    assert_one_sentence(caught.value, "deep-copied", "inplace=True")
+    assert isinstance(model[0], sa.ODConv2d)
+    assert isinstance(convert(model, inplace=True).model[0], dk.ODConv2d)
 
 
 def test_a_recognised_model_itself_is_swapped_and_the_report_is_plain_data():

@@ -66,8 +66,8 @@ class LayerRule:
         names: the class names this rule recognises, e.g. ("ODConv2d",).
         target: the deploykit class it builds.
         configure: builds a freshly initialised `target` with the layer's hyper-parameters and non-state attributes
-            (e.g. a temperature), read from the layer's attributes; raises `Unfit` (or the target's own ValueError)
-            where they do not fit.
+            (e.g. a temperature), read from the layer's attributes; raises `Unfit` (or the ValueError / TypeError of
+            the target's constructor or of a conversion) where they do not fit.
     """
 
     names: tuple[str, ...]
@@ -83,7 +83,7 @@ class LayerRule:
         """
         try:
             module = self.configure(layer)
-        except ValueError as err:  # Unfit, or the deploykit constructor refusing the hyper-parameters
+        except (TypeError, ValueError) as err:  # Unfit, or the deploykit constructor refusing the hyper-parameters
             raise Unfit(str(err).rstrip(".")) from err
         reference = next((t for t in layer.state_dict().values() if t.is_floating_point()), None)
         if reference is not None:
