@@ -85,10 +85,10 @@ class LayerRule:
             module = self.configure(layer)
         except (TypeError, ValueError) as err:  # Unfit, or the deploykit constructor refusing the hyper-parameters
             raise Unfit(str(err).rstrip(".")) from err
-        reference = next((t for t in layer.state_dict().values() if t.is_floating_point()), None)
+        state = layer.state_dict()
+        reference = next((t for t in state.values() if t.is_floating_point()), None)
         if reference is not None:
             module = module.to(device=reference.device, dtype=reference.dtype)
-        state = layer.state_dict()
         mismatch = state_mismatch(state, module.state_dict())
         if mismatch:
             raise Unfit(mismatch)
