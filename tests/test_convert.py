@@ -306,6 +306,17 @@ def test_look_alikes_are_left_alone_with_the_reason(path, reason):
     assert [s.path for s in conversion.swaps] == ["real"]  # the real one next to them is still swapped
 
 
+def test_a_rule_says_why_a_layer_does_not_fit():
+    from deploykit.ops.odconv import SPEC
+
+    rule, = SPEC.conversions
+    assert rule.fits(sa.ODConv2d(4, 4, 3)) is None
+    assert rule.fits(ODConv2d(3, 4, 3)) == "it has no attribute `attention`"
+    bigger_trunk = sa.ODConv2d(4, 4, 3)
+    bigger_trunk.attention.bn = nn.BatchNorm2d(32)  # the width the conv before it has is read from attention.fc
+    assert rule.fits(bigger_trunk) == "its `attention.bn.weight` is (32,), not (16,)"
+
+
 def test_deploykit_modules_and_unrelated_layers_are_not_swapped():
     model = nn.Sequential(dk.ODConv2d(4, 4, 3), dk.DeformConv2d(4, 4, 3), dk.TVConv(4), nn.Conv2d(4, 4, 1))
     conversion = convert(model)
