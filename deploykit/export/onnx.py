@@ -57,6 +57,10 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
             "custom" always emits the node (for TensorRT plugins); "standard" requires standard ops.
         verbose: let the exporter print its own diagnostics.
 
+    Calls of third-party ops with a deploykit equivalent (torchvision's ``deform_conv2d``) export as that
+    equivalent's node, see `deploykit.convert.export_translations`; layers are swapped beforehand by
+    `deploykit.convert.convert`.
+
     Returns:
         The ModelProto with every ``deploykit::`` node's function body attached.
     """
