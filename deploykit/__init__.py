@@ -20,4 +20,14 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False):
     return run(config, raise_on_mismatch=raise_on_mismatch)
 
 
-__all__ = ["DeployError", "ExportConfig", "VerificationFailed", "export_model", "__version__"]
+def __getattr__(name: str):
+    """`deploykit.convert` (the layer conversion, `deploykit/convert.py`) is imported on first use: it loads the
+    ONNX machinery, which ``import deploykit`` (e.g. the CLI's argument checks) should not pay for."""
+    if name == "convert":
+        import importlib
+
+        return importlib.import_module("deploykit.convert")
+    raise AttributeError(f"module 'deploykit' has no attribute {name!r}")
+
+
+__all__ = ["DeployError", "ExportConfig", "VerificationFailed", "convert", "export_model", "__version__"]

@@ -57,6 +57,10 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
             "custom" always emits the node (for TensorRT plugins); "standard" requires standard ops.
         verbose: let the exporter print its own diagnostics.
 
+    Calls of third-party ops with a deploykit equivalent (torchvision's ``deform_conv2d``) export as that
+    equivalent's node, see `deploykit.convert.export_translations`; layers are swapped beforehand by
+    `deploykit.convert.convert`.
+
     Returns:
         The ModelProto with every ``deploykit::`` node's function body attached.
     """
@@ -82,12 +86,16 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
         examples = tuple(_with_batch(e, max(_TRACE_BATCH, e.shape[0])) for e in examples)
         dynamic_shapes = _dynamic_shapes(examples, dynamic_spatial or False,
                                          _MIN_SPATIAL if min_spatial is None else min_spatial)
+    from deploykit.convert import export_translations  # third-party ops user code calls (torchvision's DCN)
+
+    translations = {**export_translations(lowering, opset),
+                    **{op.torch_op: op.translation(lowering, opset) for op in custom_ops}}
     with registered_schemas(custom_ops), _quiet(not verbose):
         try:
             program = torch.onnx.export(
                 model, examples, dynamo=True, opset_version=opset, input_names=list(input_names),
                 output_names=list(output_names), dynamic_shapes=dynamic_shapes, external_data=False,
-                custom_translation_table={op.torch_op: op.translation(lowering, opset) for op in custom_ops},
+                custom_translation_table=translations,
                 verbose=verbose,
                 report=False, optimize=True)
         except Exception as err:  # the exporter raises many types; all mean "this model did not export"

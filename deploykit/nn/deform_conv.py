@@ -12,6 +12,9 @@ offset (interleaved dy, dx per tap); v2's first 2*G*kH*kW channels are the offse
 logits (mmcv's ``chunk(3)`` then ``cat`` of the first two chunks is the identity on the layout). It starts at zero,
 so a fresh layer is a plain conv (times sigmoid(0) = 0.5 for v2).
 
+`OffsetInputDeformConv2d`, the base of both, is the form whose offset (and mask) are forward arguments
+(torchvision's ``DeformConv2d`` module, mmcv's non-pack layers).
+
 Old mmdet checkpoints stored the offset conv as a sibling module, ``conv2_offset.*`` beside ``conv2.*``;
 `deploykit.models.upgrade_state_dict` (which ``export.py`` applies) renames those keys as mmcv does.
 """
@@ -28,29 +31,58 @@ from torch.nn.modules.utils import _pair
 from deploykit.ops.deform_conv2d import deform_conv2d
 
 
-class _DeformConvPack(nn.Module, abc.ABC):
-    """What v1 and v2 share: the kernel, the offset conv and the legacy key migration."""
+class OffsetInputDeformConv2d(nn.Module):
+    """Deformable conv whose offset (and mask) are forward arguments, predicted elsewhere in the network, as
+    torchvision's ``DeformConv2d`` module and mmcv's non-pack ``DeformConv2d`` / ``ModulatedDeformConv2d`` take them.
+
+    ``forward(x, offset, mask=None)``: v1 without a mask, v2 with one; the offset groups follow from the offset's
+    channels (2*G*kH*kW). Same op, same ``deploykit::DeformConv2d`` node as the pack layers below, which subclass it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
+                             f"groups ({groups})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchvision's initialisation: weight He-uniform with a = sqrt(5), bias uniform in +-1/sqrt(fan_in)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}")
+
+
+class _DeformConvPack(OffsetInputDeformConv2d, abc.ABC):
+    """What v1 and v2 share: the offset conv feeding the kernel, and the legacy key migration."""
 
     outputs_per_tap = 2  # offset channels (dy, dx) per tap and offset group; v2 adds the mask
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride=1, padding=0,
                  dilation=1, groups: int = 1, deform_groups: int = 1, bias: bool = False) -> None:
-        super().__init__()
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
-                             f"groups ({groups})")
         if in_channels % deform_groups:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by deform_groups ({deform_groups})")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self.groups, self.deform_groups = groups, deform_groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.deform_groups = deform_groups
         taps = self.kernel_size[0] * self.kernel_size[1]
         self.conv_offset = nn.Conv2d(in_channels, deform_groups * taps * self.outputs_per_tap, self.kernel_size,
                                      self.stride, self.padding, self.dilation, bias=True)
-        self.reset_parameters()
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
@@ -65,8 +97,7 @@ class _DeformConvPack(nn.Module, abc.ABC):
         return out[:, :split], (torch.sigmoid(out[:, split:]) if self.outputs_per_tap == 3 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offset, mask = self.offset_and_mask(x)
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+        return super().forward(x, *self.offset_and_mask(x))
 
     @staticmethod
     def upgrade_state_dict(prefix: str, state_dict: dict) -> None:
@@ -81,9 +112,7 @@ class _DeformConvPack(nn.Module, abc.ABC):
                 state_dict[current] = state_dict.pop(legacy)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"deform_groups={self.deform_groups}, bias={self.bias is not None}")
+        return f"{super().extra_repr()}, deform_groups={self.deform_groups}"
 
 
 class DeformConv2d(_DeformConvPack):

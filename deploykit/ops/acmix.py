@@ -18,10 +18,11 @@ the grid's two coordinates), so the two are independent checks of each other.
 from __future__ import annotations
 
 import numpy as np
+from torch import nn
 
 from deploykit.nn.acmix import ACmix
 from deploykit.ops import reference as ref
-from deploykit.ops.spec import VariantSpec
+from deploykit.ops.spec import LayerRule, Unfit, VariantSpec, attribute
 
 
 def _unfold(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
@@ -77,4 +78,16 @@ def acmix_reference(module: ACmix, x: np.ndarray) -> np.ndarray:
     return ref.array(module.rate1) * out_att + ref.array(module.rate2) * out_conv
 
 
-SPEC = VariantSpec(name="acmix", module=ACmix, reference=acmix_reference, tolerance={"float32": 1e-4})
+def acmix_from_official(layer: nn.Module) -> ACmix:
+    """LeapLabTHU's ``ACmix`` (same constructor). Its ``dep_conv`` padding is hard-coded to 1, which deploykit's
+    ``kernel_conv // 2`` equals only for the kernel_conv of 3 the official forward works with."""
+    kernel_conv = attribute(layer, "kernel_conv")
+    padding = tuple(attribute(attribute(layer, "dep_conv"), "padding"))
+    if padding != (kernel_conv // 2,) * 2:
+        raise Unfit(f"its `dep_conv` pads by {padding}, not kernel_conv // 2 = {kernel_conv // 2}")
+    return ACmix(attribute(layer, "in_planes"), attribute(layer, "out_planes"), attribute(layer, "kernel_att"),
+                 attribute(layer, "head"), kernel_conv, attribute(layer, "stride"), attribute(layer, "dilation"))
+
+
+SPEC = VariantSpec(name="acmix", module=ACmix, reference=acmix_reference, tolerance={"float32": 1e-4},
+                   conversions=(LayerRule(("ACmix",), ACmix, acmix_from_official),))

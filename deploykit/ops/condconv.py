@@ -7,11 +7,12 @@ alpha = r(x) = sigmoid(GAP(x) R) supplied by the block.
 from __future__ import annotations
 
 import numpy as np
+from torch import nn
 
 from deploykit.nn.condconv import CondConv2d, CondConvRouting
 from deploykit.ops import reference as ref
 from deploykit.ops.dynamic_conv2d import DYNAMIC_CONV2D, dynamic_conv2d_reference
-from deploykit.ops.spec import VariantSpec
+from deploykit.ops.spec import LayerRule, VariantSpec, attribute, square
 
 
 def routing_reference(routing: CondConvRouting, x: np.ndarray) -> np.ndarray:
@@ -27,5 +28,15 @@ def condconv_reference(module: CondConv2d, x: np.ndarray, routing_weights: np.nd
                                     module.pads(tuple(x.shape[2:])), module.dilation, module.groups)
 
 
+def condconv_from_timm(layer: nn.Module) -> CondConv2d:
+    """timm's ``CondConv2d``, whose padding is stored resolved: ``dynamic_padding`` marks TF 'same' padding that
+    depends on the input size, which deploykit's layer computes per input from ``padding='same'``."""
+    padding = "same" if attribute(layer, "dynamic_padding") else square(layer, "padding")
+    return CondConv2d(attribute(layer, "in_channels"), attribute(layer, "out_channels"), square(layer, "kernel_size"),
+                      square(layer, "stride"), padding, square(layer, "dilation"), attribute(layer, "groups"),
+                      bias=attribute(layer, "bias") is not None, num_experts=attribute(layer, "num_experts"))
+
+
 SPEC = VariantSpec(name="condconv", module=CondConv2d, reference=condconv_reference, tolerance={"float32": 1e-4},
-                   custom_ops=(DYNAMIC_CONV2D,))
+                   custom_ops=(DYNAMIC_CONV2D,),
+                   conversions=(LayerRule(("CondConv2d",), CondConv2d, condconv_from_timm),))

@@ -47,7 +47,7 @@ weights (offset, mask), followed by one (grouped) matrix product with W.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -300,6 +300,34 @@ def gather_lowering(X, W, offset, B, mask, strides, pads, dilations, group, offs
     y = op.Add(op.MatMul(columns, kernel), op.Reshape(B, _ints([group, 1, -1])))  # [group, N*H'*W', M/group]
     y = op.Transpose(op.Reshape(y, _ints([group, -1, out_h * out_w, out_channels // group])), perm=[1, 0, 3, 2])
     return op.Reshape(y, _ints([-1, out_channels, out_h, out_w]))
+
+
+def torchvision_translation(lowering: str = "auto", opset: int | None = None) -> Callable:
+    """The ``custom_translation_table`` entry exporting torchvision's op (``torch.ops.torchvision.deform_conv2d``,
+    which its ``deform_conv2d`` functional calls) as this op: its node, or its standard lowering, as `lowering` and
+    `opset` choose (`CustomOp.translation`).
+
+    torchvision's arguments: (input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h,
+    dilation_w, groups, offset_groups, use_mask); its functional always passes a bias (zeros when there is none)
+    and, without a mask, a placeholder with ``use_mask`` false, for which the node gets the v1 mask of ones.
+    """
+    translate = DEFORM_CONV2D.translation(lowering, opset)
+
+    def translate_torchvision_deform_conv2d(input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
+                                            dilation_h, dilation_w, groups, offset_groups, use_mask):
+        if not use_mask:
+            taps = offset_groups * weight.shape[2] * weight.shape[3]
+            shape = op.Concat(op.Shape(offset, start=0, end=1), _ints([taps]), op.Shape(offset, start=2), axis=0)
+            mask = op.Expand(op.CastLike(op.Constant(value_float=1.0), input), shape)
+        return translate(X=input, W=weight, offset=offset, B=bias, mask=mask, strides=[stride_h, stride_w],
+                         pads=[pad_h, pad_w, pad_h, pad_w], dilations=[dilation_h, dilation_w], group=groups,
+                         offset_group=offset_groups)
+
+    # The exporter tells attributes (annotated with a Python type) from tensor inputs (unannotated).
+    translate_torchvision_deform_conv2d.__annotations__ = {
+        **dict.fromkeys(("stride_h", "stride_w", "pad_h", "pad_w", "dilation_h", "dilation_w", "groups",
+                         "offset_groups"), int), "use_mask": bool}
+    return translate_torchvision_deform_conv2d
 
 
 def to_trt_oss_plugin(model: onnx.ModelProto) -> onnx.ModelProto:

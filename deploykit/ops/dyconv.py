@@ -7,11 +7,12 @@ y = W~ * x + b~.
 from __future__ import annotations
 
 import numpy as np
+from torch import nn
 
 from deploykit.nn.dyconv import DyConv2d
 from deploykit.ops import reference as ref
 from deploykit.ops.dynamic_conv2d import DYNAMIC_CONV2D, dynamic_conv2d_reference
-from deploykit.ops.spec import VariantSpec
+from deploykit.ops.spec import LayerRule, VariantSpec, attribute, square
 
 
 def dyconv_reference(module: DyConv2d, x: np.ndarray) -> np.ndarray:
@@ -27,5 +28,20 @@ def dyconv_reference(module: DyConv2d, x: np.ndarray) -> np.ndarray:
                                     [module.padding] * 4, (module.dilation,) * 2, module.groups)
 
 
+def dyconv_from_kaijieshi7(layer: nn.Module) -> DyConv2d:
+    """kaijieshi7's ``Dynamic_conv2d``. Its ratio is not stored, so the attention's hidden width is read from
+    ``attention.fc1`` (a ratio of (width - 0.5) / in_planes gives it back); its temperature is not in the
+    state_dict (34 when fresh, lowered during training), so it is carried over."""
+    attention = attribute(layer, "attention")
+    in_planes = attribute(layer, "in_planes")
+    hidden = attribute(attribute(attention, "fc1"), "out_channels")
+    return DyConv2d(in_planes, attribute(layer, "out_planes"), square(layer, "kernel_size"),
+                    ratio=(hidden - 0.5) / in_planes, stride=square(layer, "stride"), padding=square(layer, "padding"),
+                    dilation=square(layer, "dilation"), groups=attribute(layer, "groups"),
+                    bias=attribute(layer, "bias") is not None, K=attribute(layer, "K"),
+                    temperature=attribute(attention, "temperature"))
+
+
 SPEC = VariantSpec(name="dyconv", module=DyConv2d, reference=dyconv_reference, tolerance={"float32": 1e-4},
-                   custom_ops=(DYNAMIC_CONV2D,))
+                   custom_ops=(DYNAMIC_CONV2D,),
+                   conversions=(LayerRule(("Dynamic_conv2d",), DyConv2d, dyconv_from_kaijieshi7),))

@@ -9,11 +9,12 @@ heads, softmax(z / T) over kernels.
 from __future__ import annotations
 
 import numpy as np
+from torch import nn
 
 from deploykit.nn.odconv import ODConv2d
 from deploykit.ops import reference as ref
 from deploykit.ops.dynamic_conv2d import DYNAMIC_CONV2D, dynamic_conv2d_reference
-from deploykit.ops.spec import VariantSpec
+from deploykit.ops.spec import LayerRule, VariantSpec, attribute, square
 
 
 def odconv_reference(module: ODConv2d, x: np.ndarray) -> np.ndarray:
@@ -41,5 +42,21 @@ def odconv_reference(module: ODConv2d, x: np.ndarray) -> np.ndarray:
     return y if filt is None else y * ref.sigmoid(filt)[:, :, None, None]
 
 
+def odconv_from_official(layer: nn.Module) -> ODConv2d:
+    """OSVAI's ``ODConv2d``. Its reduction is not stored, so the attention width is read from ``attention.fc``
+    (a reduction of (width + 0.5) / in_planes gives it back); ``attention.temperature`` is not in the state_dict
+    (1 when fresh, annealed from 30 in training), so it is carried over."""
+    attention = attribute(layer, "attention")
+    in_planes = attribute(layer, "in_planes")
+    width = attribute(attribute(attention, "fc"), "out_channels")
+    module = ODConv2d(in_planes, attribute(layer, "out_planes"), square(layer, "kernel_size"),
+                      square(layer, "stride"), square(layer, "padding"), square(layer, "dilation"),
+                      attribute(layer, "groups"), reduction=(width + 0.5) / in_planes,
+                      kernel_num=attribute(layer, "kernel_num"))
+    module.update_temperature(attribute(attention, "temperature"))
+    return module
+
+
 SPEC = VariantSpec(name="odconv", module=ODConv2d, reference=odconv_reference, tolerance={"float32": 1e-4},
-                   custom_ops=(DYNAMIC_CONV2D,))
+                   custom_ops=(DYNAMIC_CONV2D,),
+                   conversions=(LayerRule(("ODConv2d",), ODConv2d, odconv_from_official),))

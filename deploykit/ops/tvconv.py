@@ -12,10 +12,12 @@ graph measured; exporting ``nn.Unfold`` as the official module does is several t
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch import nn
 
 from deploykit.nn.tvconv import TVConv
 from deploykit.ops import reference as ref
-from deploykit.ops.spec import VariantSpec
+from deploykit.ops.spec import LayerRule, Unfit, VariantSpec, attribute
 
 
 def _generator_reference(layers, posi_map: np.ndarray) -> np.ndarray:
@@ -48,4 +50,19 @@ def tvconv_reference(module: TVConv, x: np.ndarray) -> np.ndarray:
     return y
 
 
-SPEC = VariantSpec(name="tvconv", module=TVConv, reference=tvconv_reference, tolerance={"float32": 1e-4})
+def tvconv_from_official(layer: nn.Module) -> TVConv:
+    """JierunChen's ``TVConv``: its sizes are 0-d int64 buffers (read once here as ints, which is what lets the
+    deploykit layer export), the generator's widths and depth are read from its layers."""
+    weight_layers, posi_map = attribute(layer, "weight_layers"), attribute(layer, "posi_map")
+    if not isinstance(weight_layers, nn.Sequential) or len(weight_layers) < 2 or not isinstance(
+            posi_map, torch.Tensor) or posi_map.dim() != 4:
+        raise Unfit("its `weight_layers` or `posi_map` is not the official generator")
+    sizes = {name: int(attribute(layer, name)) for name in ("channels", "TVConv_k", "stride", "h", "w")}
+    return TVConv(sizes["channels"], sizes["TVConv_k"], sizes["stride"], TVConv_posi_chans=posi_map.shape[1],
+                  TVConv_inter_chans=attribute(weight_layers[-1], "in_channels"),
+                  TVConv_inter_layers=len(weight_layers) - 2, TVConv_Bias=attribute(layer, "bias_layers") is not None,
+                  h=sizes["h"], w=sizes["w"])
+
+
+SPEC = VariantSpec(name="tvconv", module=TVConv, reference=tvconv_reference, tolerance={"float32": 1e-4},
+                   conversions=(LayerRule(("TVConv",), TVConv, tvconv_from_official),))

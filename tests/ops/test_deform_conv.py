@@ -1,10 +1,12 @@
 """DeformConv2d (DCNv1) and ModulatedDeformConv2d (DCNv2) pack layers: float64 reference, mmcv's state_dict layout
-and legacy keys, initialisation, training, dynamic-batch export."""
+and legacy keys, initialisation, training, dynamic-batch export; their base OffsetInputDeformConv2d (offset and mask
+as forward arguments) against the float64 formula."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,8 +14,10 @@ from torch import nn
 from conftest import assert_export_matches, assert_trains, conv_input, random_conv_config
 from deploykit.nn import DeformConv2d, ModulatedDeformConv2d
 from deploykit.models import upgrade_state_dict
-from deploykit.nn.deform_conv import DeformConv2dPack, ModulatedDeformConv2dPack
+from deploykit.nn.deform_conv import DeformConv2dPack, ModulatedDeformConv2dPack, OffsetInputDeformConv2d
 from deploykit.ops.deform_conv import SPEC
+from deploykit.ops.deform_conv2d import deform_conv2d_reference
+from deploykit.ops.reference import conv_output_size
 from deploykit.verify import rel_to_range
 
 LAYERS = {"v1": DeformConv2d, "v2": ModulatedDeformConv2d}
@@ -46,6 +50,29 @@ def test_matches_float64_reference(version, config, seed):
     with torch.no_grad():
         actual = layer(x).numpy()
     assert rel_to_range(actual, SPEC.reference(layer, x.double().numpy())) <= SPEC.tolerance["float32"]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("seed", range(3))
+def test_offset_input_layer_matches_float64_reference(seed, masked):
+    """OffsetInputDeformConv2d (torchvision's module, mmcv's non-pack layers): offset and mask come from outside."""
+    config = random_conv_config(seed)
+    k, stride, dilation, groups = config["kernel"], config["stride"], config["dilation"], config["groups"]
+    layer = OffsetInputDeformConv2d(config["in_channels"], config["out_channels"], k, stride, k // 2, dilation,
+                                    groups, bias=seed % 2 == 0).eval()
+    x = conv_input(config)
+    offset_groups = 2 if config["in_channels"] % 2 == 0 else 1
+    size = conv_output_size(x.shape[2:], (k, k), (stride, stride), [k // 2] * 4, (dilation, dilation))
+    generator = torch.Generator().manual_seed(seed)
+    offset = 2 * torch.randn(x.shape[0], 2 * offset_groups * k * k, *size, generator=generator)
+    mask = torch.rand(x.shape[0], offset_groups * k * k, *size, generator=generator)
+    with torch.no_grad():
+        actual = layer(x, offset, mask if masked else None).numpy()
+    bias = layer.bias.detach().numpy() if layer.bias is not None else np.zeros(config["out_channels"])
+    expected = deform_conv2d_reference(x.numpy(), layer.weight.detach().numpy(), offset.numpy(), bias,
+                                       mask.numpy() if masked else np.ones(mask.shape), (stride, stride),
+                                       [k // 2] * 4, (dilation, dilation), groups, offset_groups)
+    assert rel_to_range(actual, expected) <= SPEC.tolerance["float32"]
 
 
 def test_state_dict_layout_is_mmcvs():
