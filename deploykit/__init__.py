@@ -21,12 +21,13 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False):
 
 
 def __getattr__(name: str):
-    """`deploykit.convert` (the layer conversion, `deploykit/convert.py`) is imported on first use: it loads the
-    ONNX machinery, which ``import deploykit`` (e.g. the CLI's argument checks) should not pay for."""
+    """`deploykit.convert` (`deploykit.conversion.convert`: official and third-party layers -> deploykit's) is
+    imported on first use: it loads the ONNX machinery, which ``import deploykit`` (e.g. the CLI's argument checks)
+    should not pay for."""
     if name == "convert":
-        import importlib
+        from deploykit.conversion import convert
 
-        return importlib.import_module("deploykit.convert")
+        return convert
     raise AttributeError(f"module 'deploykit' has no attribute {name!r}")
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from deploykit import artifacts
 from deploykit.checkpoint import Checkpoint, check_weights, load_checkpoint
 from deploykit.config import ExportConfig
+from deploykit.conversion import Conversion, convert
 from deploykit.errors import DeployError, VerificationFailed
 from deploykit.export.onnx import DEFAULT_OPSET, check_exported_dims, onnx_from_model
 from deploykit.export.passes import run_passes
@@ -94,21 +95,24 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
         raise DeployError("--engine builds TensorRT engines of one-input models only; this model takes "
                           f"{len(input_shapes)} inputs, so verify it in onnxruntime (drop --engine).")
     with stage(f"Building {name}", timings, "build_model"):
-        model = _build(config, arch, checkpoint)
-    check_weights(model, checkpoint)
+        original = _build(config, arch, checkpoint)
+    check_weights(original, checkpoint)
+    conversion = _convert(original) if arch is None else None  # zoo models are deploykit's own modules
+    model = conversion.model if conversion is not None else original
     providers = resolve_providers(config.providers)  # fail before the slow export if one is unavailable
     dynamic_batch = True if config.dynamic_batch is None else config.dynamic_batch
     opset = config.opset or DEFAULT_OPSET
     min_spatial = _spatial_floor(config, arch, model, input_shapes[0], opset) if config.dynamic_spatial else None
     shapes = _verification_shapes(input_shapes, dynamic_batch, min_spatial, arch is not None)
-    names = input_names(model, len(input_shapes))
+    names = input_names(original, len(input_shapes))
     feeds = _make_feeds(config, arch, names, shapes)
     # Checked now, created only when the artifacts are written: a run that fails before leaves no directory.
     output_dir = check_writable_dir(config.output_dir or Path("deploykit-out") / name)
 
     with stage("Running PyTorch (float32, and float64 as the reference)", timings, "torch_run"):
-        outputs = _output_signature(model, feeds[0], name, config.output_names, names)
-        reference = _torch_reference(model, feeds, outputs.names, name)
+        reference_model, reference_note = _reference_model(original, model, feeds[0], conversion)
+        outputs = _output_signature(reference_model, feeds[0], name, config.output_names, names)
+        reference = _torch_reference(reference_model, feeds, outputs.names, name)
 
     dims = "dynamic batch and size" if min_spatial else "dynamic batch" if dynamic_batch else "static batch"
     with stage(f"Exporting ONNX (opset {opset}, {dims})", timings, "export"):
@@ -130,7 +134,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     verification = compare(candidate, reference, rtol=config.rtol, atol=config.atol)
     if verification.verdict == FAILED:
         with stage("Localising the first divergence", timings, "localize"):
-            _localize(verification, model, onnx_model, feeds, reference, providers, config.threads)
+            _localize(verification, reference_model, onnx_model, feeds, reference, providers, config.threads)
 
     report = {
         "versions": artifacts.versions(),
@@ -147,6 +151,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
                    "custom_nodes": sorted({f"{n.domain}::{n.op_type}" for n in onnx_model.graph.node if n.domain}),
                    "passes": pass_report.as_dict()},
         "runtime": {"name": "onnxruntime", "providers": session.get_providers()},
+        "conversion": {**conversion.as_dict(), "reference": "converted" if reference_note else "original",
+                       "reference_note": reference_note} if conversion is not None else None,
         "verification": verification.as_dict(),
         "reproduce": polygraphy_command(artifacts.MODEL_FILE, artifacts.INPUTS_FILE,
                                         artifacts.TORCH_OUTPUTS_FILE, verification),
@@ -269,6 +275,8 @@ def _engine_and_check(config: ExportConfig, onnx_model, feeds, reference, dynami
         "version": trt_version, "fp16": config.fp16,
         "plugin_library": str(plugin_library) if plugin_library else None,
         "profile": {"min": list(shapes.min), "opt": list(shapes.opt), "max": list(shapes.max)},
+        "conversion": {**conversion.as_dict(), "reference": "converted" if reference_note else "original",
+                       "reference_note": reference_note} if conversion is not None else None,
         "verification": verification.as_dict(),
         "reproduce": trt.polygraphy_trt_command(artifacts.MODEL_FILE, artifacts.INPUTS_FILE,
                                                 artifacts.TORCH_OUTPUTS_FILE, input_name, shapes, config.fp16,
@@ -296,6 +304,40 @@ def _build(config: ExportConfig, arch: str | None, checkpoint: Checkpoint | None
         return checkpoint.module.eval()
     levels = {"out_indices": config.out_indices} if config.out_indices is not None else {}
     return build_model(arch, {**checkpoint.arch_kwargs, **levels}, checkpoint.state_dict)
+
+
+def _convert(model: nn.Module) -> Conversion:
+    """The model with its official and third-party conv layers swapped for deploykit's (`deploykit.conversion`),
+    each swap logged; the original stays as it is, the verification's reference."""
+    conversion = convert(model)
+    for swap in conversion.swaps:
+        LOGGER.info("  converted %s: %s -> %s", swap.path or "(the model)", swap.source, swap.target)
+    for layer in conversion.left_alone:
+        LOGGER.info("  left as it is: %s (%s): %s", layer.path or "(the model)", layer.source, layer.reason)
+    return conversion
+
+
+def _reference_model(original: nn.Module, converted: nn.Module, feed: dict[str, np.ndarray],
+                     conversion: Conversion | None) -> tuple[nn.Module, str | None]:
+    """The model the verification compares with: the user's own, as given, when it runs here; else (e.g. mmcv's
+    layers without mmcv's compiled ops) the converted model, with the reason."""
+    if conversion is None or not conversion.swaps:
+        return original, None
+    try:
+        with torch.inference_mode():
+            original(*(torch.from_numpy(a[:1]) for a in feed.values()))
+    except Exception as err:  # whatever the user's layers raise: the converted model is the reference then
+        try:
+            with torch.inference_mode():
+                converted(*(torch.from_numpy(a[:1]) for a in feed.values()))
+        except Exception:  # the converted model fails too: the user's own error is the one to report
+            return original, None
+        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        note = f"the model as given cannot run here ({type(err).__name__}: {reason}), so the converted model is " \
+               f"the reference: the conversion itself is not proven by this check"
+        LOGGER.info("  %s", note)
+        return converted, note
+    return original, None
 
 
 def _model_name(config: ExportConfig, arch: str | None, checkpoint: Checkpoint | None) -> str:

@@ -1,4 +1,4 @@
-"""Stand-ins for the official / third-party layer classes `deploykit.convert` recognises.
+"""Stand-ins for the official / third-party layer classes `deploykit.convert` (`deploykit/conversion.py`) recognises.
 
 Written here from ../shared/notes/references.md (no official code): each has the official class name, module path
 (``__module__``), attributes, parameter layout and forward, including what makes the official layers hard to export

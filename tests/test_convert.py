@@ -25,7 +25,7 @@ from torch import nn
 import convert_standins as sa
 from conftest import assert_one_sentence, random_conv_config, randomize_batchnorm
 from deploykit import nn as dk
-from deploykit.convert import LeftAlone, Swap, convert, export_translations
+from deploykit.conversion import LeftAlone, Swap, convert, export_translations
 from deploykit.errors import DeployError
 from deploykit.export.onnx import onnx_from_model
 from deploykit.runtime.ort import session_from_onnx

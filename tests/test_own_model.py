@@ -408,3 +408,65 @@ def test_mmdet_dcn_backbone_exports_the_levels_a_neck_consumes(tmp_path):
     assert report["export"]["outputs"] == ["c2", "c3", "c4", "c5"]
     assert {s["output"] for s in report["verification"]["samples"] if s["status"] == "passed"} == \
         {"c2", "c3", "c4", "c5"}
+
+
+# --- official / third-party layers through the pipeline: converted, and checked against the user's own model -------
+
+from test_convert import FAMILIES, family_input, family_model  # noqa: E402  (the stand-in user models)
+
+import convert_standins as standins  # noqa: E402
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_official_layers_are_converted_and_verified_against_the_original(tmp_path, family):
+    model = family_model(family, torch.float32)
+    channels_height_width = FAMILIES[family][1]
+    result = export_model(ExportConfig(model=model, input_shape=(1, *channels_height_width),
+                                       output_dir=tmp_path / "out"))
+    assert result.verdict == "passed", result.report["verification"]["samples"]
+    conversion = result.report["conversion"]
+    assert {swap["path"] for swap in conversion["swaps"]} == set(FAMILIES[family][2])
+    assert conversion["reference"] == "original" and result.report["verification"]["reference"] == "float64"
+    # One file, any batch: batch 3 (never verified by the run) against the user's own model in float64.
+    x = family_input(family, 3)
+    with torch.no_grad():
+        expected = model.double()(x).numpy()
+    got = Predictor(result.output_dir)(x.float().numpy())
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_a_conversion_that_does_not_reproduce_the_layer_fails_and_names_it(tmp_path, monkeypatch):
+    from deploykit import pipeline
+
+    convert = pipeline.convert
+
+    def off_by_one_percent(model):
+        conversion = convert(model)
+        with torch.no_grad():
+            conversion.model.body[0].weight.mul_(1.01)
+        return conversion
+
+    monkeypatch.setattr(pipeline, "convert", off_by_one_percent)
+    result = export_model(ExportConfig(model=family_model("odconv", torch.float32), input_shape=(1, 3, 9, 10),
+                                       output_dir=tmp_path / "out"))
+    assert result.verdict == "failed"
+    assert result.report["verification"]["first_divergence"]["module"] == "body.0"
+
+
+class UncompiledModulatedDeformConv2dPack(standins.ModulatedDeformConv2dPack):
+    """mmcv's Python layer where mmcv's compiled ops are missing: it cannot run."""
+
+    def forward(self, x):
+        raise RuntimeError("mmcv._ext is not available (mmcv was installed without its compiled ops)")
+
+
+UncompiledModulatedDeformConv2dPack.__name__ = "ModulatedDeformConv2dPack"
+
+
+def test_a_model_that_cannot_run_here_is_checked_against_its_conversion(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), UncompiledModulatedDeformConv2dPack(4, 4, 3, padding=1))
+    result = export_model(ExportConfig(model=seeded(model), input_shape=(1, 3, 9, 9), output_dir=tmp_path / "out"))
+    assert result.verdict == "passed"
+    conversion = result.report["conversion"]
+    assert conversion["reference"] == "converted" and "mmcv._ext is not available" in conversion["reference_note"]
+    assert [swap["path"] for swap in conversion["swaps"]] == ["1"]

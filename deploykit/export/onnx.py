@@ -58,8 +58,8 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
         verbose: let the exporter print its own diagnostics.
 
     Calls of third-party ops with a deploykit equivalent (torchvision's ``deform_conv2d``) export as that
-    equivalent's node, see `deploykit.convert.export_translations`; layers are swapped beforehand by
-    `deploykit.convert.convert`.
+    equivalent's node, see `deploykit.conversion.export_translations`; layers are swapped beforehand by
+    `deploykit.conversion.convert`.
 
     Returns:
         The ModelProto with every ``deploykit::`` node's function body attached.
@@ -86,7 +86,7 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
         examples = tuple(_with_batch(e, max(_TRACE_BATCH, e.shape[0])) for e in examples)
         dynamic_shapes = _dynamic_shapes(examples, dynamic_spatial or False,
                                          _MIN_SPATIAL if min_spatial is None else min_spatial)
-    from deploykit.convert import export_translations  # third-party ops user code calls (torchvision's DCN)
+    from deploykit.conversion import export_translations  # third-party ops user code calls (torchvision's DCN)
 
     translations = {**export_translations(lowering, opset),
                     **{op.torch_op: op.translation(lowering, opset) for op in custom_ops}}

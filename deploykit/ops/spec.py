@@ -6,7 +6,7 @@ a custom op that variants share is named by its own stem in ``deploykit/ops/`` a
 ``dynamic_conv2d`` for CondConv, DyConv and ODConv); `tests/test_layout.py` enforces that.
 
 A variant also declares how a model written with the official or a third-party class of its layer is brought over
-(`LayerRule`, collected by `deploykit.convert`), so that adding a variant touches one contract file.
+(`LayerRule`, collected by `deploykit.conversion.convert`), so that adding a variant touches one contract file.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class VariantSpec:
 
 class Unfit(ValueError):
     """A layer with a recognised class name whose structure the deploykit module cannot take; the message is one
-    clause saying what did not fit (it becomes `deploykit.convert.LeftAlone.reason`)."""
+    clause saying what did not fit (it becomes `deploykit.conversion.LeftAlone.reason`)."""
 
 
 @dataclass(frozen=True)

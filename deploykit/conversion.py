@@ -11,7 +11,7 @@ its `deploykit.ops.spec.LayerRule` s in ``SPEC.conversions`` (collected from `de
 A call of torchvision's functional ``deform_conv2d`` cannot be swapped; `export_translations` gives the exporter
 its translation to the same ``deploykit::DeformConv2d`` node instead.
 
-    from deploykit.convert import convert
+    from deploykit import convert
     conversion = convert(model)          # a converted deep copy; `model` stays as it was
     conversion.model, conversion.swaps, conversion.left_alone
 """
