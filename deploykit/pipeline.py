@@ -27,7 +27,7 @@ from deploykit.inputs import structured_noise
 from deploykit.localize import first_divergence
 from deploykit.log import LOGGER, stage
 from deploykit.models import MODELS, build_model, check_dynamic_spatial, model_spec
-from deploykit.nn import DeformConv2d, ModulatedDeformConv2d
+from deploykit.nn import OffsetInputDeformConv2d
 from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
 from deploykit.serving.triton import check_triton_target, write_triton_repository
@@ -398,7 +398,7 @@ def _spatial_floor(config: ExportConfig, arch: str | None, model: nn.Module, inp
     if len(input_shape) != 4:
         raise DeployError(f"--dynamic-spatial needs an image input (N, C, H, W), not "
                           f"{'x'.join(map(str, input_shape))}.")
-    deformable = any(isinstance(m, (DeformConv2d, ModulatedDeformConv2d)) for m in model.modules())
+    deformable = any(isinstance(m, OffsetInputDeformConv2d) for m in model.modules())  # the pack forms too
     if deformable and (opset < 19 or config.lowering == "standard"):
         raise DeployError("--dynamic-spatial needs deformable convs as ONNX DeformConv (opset >= 19, lowering auto "
                           "or custom): their standard-op fallback bakes the feature-map size into Reshapes.")
