@@ -146,7 +146,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
         "export": {"opset": opset, "ir_version": onnx_model.ir_version, "dynamic_batch": dynamic_batch,
                    "inputs": names, "outputs": outputs.names, "output_structure": outputs.template,
                    "dynamic_spatial": {"min_size": min_spatial,
-                                       "verified_shapes": [[list(a.shape) for a in f.values()] for f in feeds]}
+                                       "verified_shapes": [_shapes_summary([a.shape for a in f.values()])
+                                                           for f in feeds]}
                    if min_spatial else None,
                    "custom_nodes": sorted({f"{n.domain}::{n.op_type}" for n in onnx_model.graph.node if n.domain}),
                    "passes": pass_report.as_dict()},
@@ -345,7 +346,8 @@ def _model_name(config: ExportConfig, arch: str | None, checkpoint: Checkpoint |
     class of a module given as is."""
     if is_factory(config.arch):
         return factory_name(config.arch)
-    return arch or type(checkpoint.module).__name__
+    # A class name may start with "_" or hold characters a Triton model name cannot (`check_triton_target`).
+    return arch or re.sub(r"[^0-9A-Za-z_.\-]", "_", type(checkpoint.module).__name__).lstrip("_.-") or "model"
 
 
 def _resolve_arch(checkpoint: Checkpoint, requested: str | None) -> str | None:
@@ -571,10 +573,15 @@ def _config_summary(config: ExportConfig, arch: str | None, input_shapes: list[t
                     dynamic_batch: bool, opset: int) -> dict:
     summary = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "model"}
     summary.update(model=str(config.model) if not isinstance(config.model, nn.Module) else type(config.model).__name__,
-                   arch=arch, input_shape=list(input_shapes[0]) if len(input_shapes) == 1 else
-                   [list(shape) for shape in input_shapes], dynamic_batch=dynamic_batch, opset=opset,
+                   arch=arch, input_shape=_shapes_summary(input_shapes), dynamic_batch=dynamic_batch, opset=opset,
                    lowering=config.lowering or "auto",
                    output_dir=str(config.output_dir) if config.output_dir else None,
                    inputs=str(config.inputs) if config.inputs else None,
                    images=[str(p) for p in config.images] if config.images else None)
     return summary
+
+
+def _shapes_summary(shapes) -> list:
+    """The input shapes for the report: one list for a one-input model (as before several inputs existed), a list of
+    lists otherwise."""
+    return list(shapes[0]) if len(shapes) == 1 else [list(shape) for shape in shapes]

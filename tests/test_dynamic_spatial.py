@@ -93,7 +93,7 @@ def test_the_pipeline_verifies_a_second_size_and_serves_every_size(tmp_path):
                                        output_dir=tmp_path / "out", triton_repo=tmp_path / "models"))
     assert result.verdict == "passed"
     assert result.report["export"]["dynamic_spatial"]["verified_shapes"] == [[1, 3, 48, 40], [2, 3, 80, 72]]
-    assert "dims: [ 3, -1, -1 ]" in (tmp_path / "models" / "model" / "config.pbtxt").read_text()
+    assert "dims: [ 3, -1, -1 ]" in (tmp_path / "models" / "DeformableNet" / "config.pbtxt").read_text()
     predictor = Predictor(tmp_path / "out")
     x = structured_noise(2, (3, 65, 33), torch.Generator().manual_seed(4))
     with torch.no_grad():
