@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from deploykit.errors import DeployError
-from deploykit.fileio import atomic_path
+from deploykit.fileio import atomic_path, missing_reason
 
 FORMAT = "deploykit.checkpoint"
 FORMAT_VERSION = 1
@@ -77,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
     """
     path = Path(path)
     if not path.exists():
-        raise DeployError(f"Checkpoint {path} does not exist.")
+        raise DeployError(f"Checkpoint {path} {missing_reason(path)}.")
     if not path.is_file():
         kind = "a directory" if path.is_dir() else "a special file"
         raise DeployError(f"Checkpoint {path} is not a file but {kind}; pass the checkpoint file itself to --model.")
@@ -122,6 +122,7 @@ def _checkpoint_from_object(path: Path, obj: Any, source: str = "torch") -> Chec
     if not isinstance(obj, Mapping):
         raise DeployError(f"{path} holds a {type(obj).__name__}, not a state_dict or a model.")
     if obj.get("format") == FORMAT:
+        _check_deploykit_fields(path, obj)
         metadata = {k: v for k, v in obj.items() if k not in ("state_dict", "arch", "arch_kwargs")}
         return _as_float32(Checkpoint(path, arch=obj["arch"], arch_kwargs=dict(obj.get("arch_kwargs") or {}),
                                       state_dict=dict(obj["state_dict"]), metadata=metadata))
@@ -139,6 +140,40 @@ def _checkpoint_from_object(path: Path, obj: Any, source: str = "torch") -> Chec
     if source != "torch":
         checkpoint.metadata["source"] = source
     return _as_float32(_without_training_parts(_with_openmmlab_layout(checkpoint)))
+
+
+def _check_deploykit_fields(path: Path, obj: Mapping) -> None:
+    """A deploykit checkpoint's fields must be what `write_checkpoint` writes: a newer format, or a damaged or
+    hand-edited field, is refused rather than half understood."""
+    version = obj.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise DeployError(f"{path} is a deploykit checkpoint of format version {version!r}, which this deploykit "
+                          f"(format version {FORMAT_VERSION}) cannot read; "
+                          f"{'upgrade deploykit' if newer else 'save it again with write_checkpoint'}.")
+    shape = obj.get("input_shape")
+    problems = [
+        (not isinstance(obj.get("arch"), str) or not obj["arch"], f"its arch is {obj.get('arch')!r}, not a name"),
+        (not isinstance(obj.get("arch_kwargs") or {}, Mapping), "its arch_kwargs is not a dict"),
+        (not isinstance(obj.get("state_dict"), Mapping), "it has no state_dict"),
+        (shape is not None and not (isinstance(shape, (list, tuple)) and shape
+                                    and all(isinstance(d, int) and d >= 1 for d in shape)),
+         f"its input_shape {shape!r} is not a list of positive sizes"),
+    ]
+    for broken, what in problems:
+        if broken:
+            raise DeployError(f"{path} is a damaged deploykit checkpoint: {what}; save it again with "
+                              f"write_checkpoint (python -m models NAME -o FILE for a zoo model).")
+
+
+def weights_hint(checkpoint: Checkpoint, requested_arch: str | None) -> str:
+    """What to check when the weights do not fit the architecture, by where the architecture came from."""
+    if requested_arch is not None:
+        return "check --arch, or that the checkpoint is for this architecture"
+    if checkpoint.arch is not None:
+        return (f"the checkpoint's own arch field names {checkpoint.arch}, so it was saved with the wrong arch or "
+                f"is damaged; save it again")
+    return "the architecture was taken from the file name; pass the right one with --arch"
 
 
 def _looks_like_safetensors(head: bytes) -> bool:

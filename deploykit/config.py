@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from deploykit.errors import DeployError
+
+MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+# The tolerance is relative to each output's range: below float32's resolution no float32 runtime can meet it, and
+# at a tenth of the range a broken export passes as easily as a working one.
+RTOL_RANGE = (float(np.finfo(np.float32).eps), 0.1)
 
 
 @dataclass
@@ -20,6 +27,9 @@ class ExportConfig:
         arch: zoo architecture name. Defaults to the checkpoint's own, else the file name (``scnet50-dc6a7e87.pth``
             -> ``scnet50``) when that names a zoo model.
         output_dir: where the artifacts go. Defaults to ``deploykit-out/<arch>``.
+        overwrite: replace files in `output_dir` that bear the artifacts' names (model.onnx, inputs.json,
+            torch_outputs.json, report.json, model.plan) although the last deploykit run there did not write them.
+            Defaults to False: such a directory is refused, so a user's own files are never lost.
         input_shape: full input shape including the batch, e.g. (1, 3, 224, 224). Defaults to batch 1 at the
             model's native resolution.
         dynamic_batch: export the batch dimension as symbolic. Defaults to True.
@@ -59,6 +69,7 @@ class ExportConfig:
     model: str | os.PathLike | nn.Module
     arch: str | None = None
     output_dir: str | os.PathLike | None = None
+    overwrite: bool = False
     input_shape: tuple[int, ...] | None = None
     dynamic_batch: bool | None = None
     dynamic_spatial: bool = False
@@ -91,10 +102,13 @@ class ExportConfig:
             self.input_shape = tuple(int(d) for d in self.input_shape)
             if not self.input_shape or any(d < 1 for d in self.input_shape):
                 raise DeployError(f"Input shape {self.input_shape} is invalid: every dimension must be >= 1.")
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise DeployError(f"{name} must be a non-negative number, got {value}.")
+        _check_tolerances(self.rtol, self.atol)
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise DeployError(f"--seed must be an integer from 0 to {MAX_SEED}, got {self.seed}.")
+        if self.providers is not None and (not self.providers or not all(p.strip() for p in self.providers)):
+            raise DeployError(f"--providers {','.join(self.providers)!r} names an empty provider; pass names such as "
+                              f"cpu or cuda,cpu, or leave the option out for the best available.")
+        _check_statistics(self.mean, self.std)
         if self.inputs is not None:
             self.inputs = Path(self.inputs)
         if isinstance(self.images, (str, os.PathLike)):
@@ -156,3 +170,26 @@ def parse_floats(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(","))
     except ValueError:
         raise DeployError(f"{text!r} is not a comma-separated list of numbers such as 0.485,0.456,0.406.") from None
+
+
+def _check_tolerances(rtol: float | None, atol: float | None) -> None:
+    """Tolerances that can tell a working export from a broken one: finite, rtol within `RTOL_RANGE`, atol > 0."""
+    low, high = RTOL_RANGE
+    if rtol is not None and not (isinstance(rtol, (int, float)) and low <= rtol <= high):
+        raise DeployError(f"--rtol must be a number from {low:.2g} (float32's resolution) to {high:g} (a tenth of "
+                          f"the output's range), got {rtol}.")
+    if atol is not None and not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol > 0):
+        raise DeployError(f"--atol must be a positive finite number, got {atol}.")
+
+
+def _check_statistics(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    """--mean and --std apply to pixels in [0, 1]: values on the 0-255 scale (123.7, 58.4) are refused, not
+    silently used."""
+    if mean is not None and not all(0 <= m <= 1 for m in mean):
+        scale = " (on the 0-255 scale: divide by 255)" if any(m > 1 for m in mean) else ""
+        raise DeployError(f"--mean values must be in [0, 1] like the pixels they apply to, got "
+                          f"{','.join(map(str, mean))}{scale}.")
+    if std is not None and not all(0 < s <= 1 for s in std):
+        scale = " (on the 0-255 scale: divide by 255)" if any(s > 1 for s in std) else ""
+        raise DeployError(f"--std values must be in (0, 1] like the pixels they apply to, got "
+                          f"{','.join(map(str, std))}{scale}.")

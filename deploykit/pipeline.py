@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,17 +14,17 @@ import torch
 from torch import nn
 
 from deploykit import artifacts
-from deploykit.checkpoint import Checkpoint, check_weights, load_checkpoint
+from deploykit.checkpoint import Checkpoint, check_weights, load_checkpoint, weights_hint
 from deploykit.config import ExportConfig
 from deploykit.errors import DeployError, VerificationFailed
+from deploykit.fileio import missing_reason
 from deploykit.export.onnx import DEFAULT_OPSET, onnx_from_model
 from deploykit.export.passes import run_passes
-from deploykit.fileio import check_writable_dir
 from deploykit.images import IMAGENET, image_files, load_images
-from deploykit.inputs import structured_noise
+from deploykit.inputs import checked_input, structured_noise
 from deploykit.localize import first_divergence
 from deploykit.log import LOGGER, stage
-from deploykit.models import MODELS, build_model, check_dynamic_spatial, model_spec
+from deploykit.models import MODELS, arch_from_file_name, build_model, check_dynamic_spatial, model_spec
 from deploykit.nn import DeformConv2d, ModulatedDeformConv2d
 from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
@@ -89,7 +88,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     input_shape = _resolve_input_shape(config.input_shape, arch)  # a size the model cannot take fails before the build
     with stage(f"Building {arch or type(checkpoint.module).__name__}", timings, "build_model"):
         model = checkpoint.module.eval() if checkpoint.module is not None else \
-            build_model(arch, checkpoint.arch_kwargs, checkpoint.state_dict)
+            build_model(arch, checkpoint.arch_kwargs, checkpoint.state_dict, hint=weights_hint(checkpoint, config.arch))
     check_weights(model, checkpoint)
     providers = resolve_providers(config.providers)  # fail before the slow export if one is unavailable
     dynamic_batch = True if config.dynamic_batch is None else config.dynamic_batch
@@ -98,7 +97,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     shapes = _verification_shapes(input_shape, dynamic_batch, min_spatial, arch is not None)
     feeds = _make_feeds(config, arch, shapes)
     # Checked now, created only when the artifacts are written: a run that fails before leaves no directory.
-    output_dir = check_writable_dir(config.output_dir or Path("deploykit-out") / (arch or "model"))
+    output_dir = artifacts.check_output_dir(config.output_dir or Path("deploykit-out") / (arch or "model"),
+                                            config.overwrite)
 
     with stage("Running PyTorch (float32, and float64 as the reference)", timings, "torch_run"):
         try:
@@ -163,7 +163,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
 
     with stage(f"Writing artifacts to {output_dir}", timings, "write"):
         timings["total"] = round(time.perf_counter() - started, 4)
-        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference.saved_results(), report, engine)
+        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference.saved_results(), report, engine,
+                                          overwrite=config.overwrite)
     result = ExportResult(verdict, output_dir, files, report)
     if raise_on_mismatch and verdict == FAILED:
         failed = ", ".join(runtime for runtime, check in checks.items() if check.verdict == FAILED)
@@ -278,8 +279,8 @@ def _resolve_arch(checkpoint: Checkpoint, requested: str | None) -> str | None:
         return requested
     if checkpoint.arch is not None or checkpoint.module is not None:
         return checkpoint.arch
-    guess = re.sub(r"-[0-9a-f]{6,}$", "", checkpoint.path.stem)  # official names: scnet50-dc6a7e87.pth
-    if guess in MODELS:
+    guess = arch_from_file_name(checkpoint.path)
+    if guess is not None:
         LOGGER.info("  architecture %s taken from the file name (pass --arch to override)", guess)
         return guess
     raise DeployError(f"{checkpoint.path} is a bare state_dict that names no architecture; pass --arch (one of: "
@@ -375,7 +376,7 @@ def _image_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int,
 
 def _load_npz_input(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise DeployError(f"--inputs {path} {'is not a file' if path.exists() else 'does not exist'}; pass an .npz "
+        raise DeployError(f"--inputs {path} {'is not a file' if path.exists() else missing_reason(path)}; pass an .npz "
                           f"file saved with numpy.savez.")
     try:
         with open(path, "rb") as handle:
@@ -408,7 +409,7 @@ def _load_npz_input(path: Path) -> np.ndarray:
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     if bad:
         raise DeployError(f"The input in --inputs {path} has {bad} NaN or infinite value(s); save finite numbers.")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return checked_input(array, f"--inputs {path}")
 
 
 def _check_npz_shape(config: ExportConfig, array: np.ndarray, expected: tuple[int, ...], dynamic_batch: bool) -> None:
