@@ -22,6 +22,7 @@ that are not checkpoints are refused with one sentence.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -91,7 +92,10 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
         raise DeployError(f"Checkpoint {path} is empty (0 bytes); the download or save was interrupted, so fetch "
                           f"or save it again.")
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
-        return _checkpoint_from_object(path, _load_safetensors(path, size), source="safetensors")
+        tensors, metadata = _load_safetensors(path, size)
+        if metadata.get("format") == FORMAT:  # written by write_checkpoint: the arch and the rest are in its metadata
+            return _checkpoint_from_object(path, _deploykit_fields(path, metadata, tensors))
+        return _checkpoint_from_object(path, tensors, source="safetensors")
     if head.startswith(_GZIP_MAGIC):
         raise DeployError(f"{path} is gzip-compressed, not a PyTorch checkpoint; decompress it first (gunzip -k) "
                           f"and pass the result to --model.")
@@ -181,11 +185,11 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2
 
 
-def _load_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
-    """A flat state_dict from a safetensors file (which holds only tensors and string metadata: loading it never
+def _load_safetensors(path: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A flat state_dict and the string metadata of a safetensors file (which holds nothing else: loading it never
     runs code)."""
     try:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
     except ImportError:
         raise DeployError(f"{path} is a safetensors file, which needs the safetensors package; install it "
@@ -199,7 +203,9 @@ def _load_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
         raise DeployError(f"{path} is not a valid safetensors file: its header is corrupt ({what}); fetch or save "
                           f"it again.")
     try:
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(path, device="cpu"), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         reason = _first_line(err)
         if "incomplete" in reason or "not fully covered" in reason:
@@ -208,6 +214,16 @@ def _load_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
         part = "header" if "header" in reason.lower() or "json" in reason.lower() else "content"
         raise DeployError(f"{path} is not a valid safetensors file: its {part} is corrupt ({reason}); fetch or save "
                           f"it again.") from None
+
+
+def _deploykit_fields(path: Path, metadata: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> dict:
+    """The deploykit checkpoint dict of a safetensors file `write_checkpoint` wrote (its fields JSON-encoded)."""
+    try:
+        fields = {key: json.loads(value) for key, value in metadata.items() if key != "format"}
+    except ValueError as err:
+        raise DeployError(f"{path} is a damaged deploykit checkpoint: its metadata is not JSON ({_first_line(err)}); "
+                          f"save it again.") from None
+    return {**fields, "format": FORMAT, "state_dict": tensors}
 
 
 def _check_torch_zip(path: Path) -> None:
@@ -311,15 +327,22 @@ def _without_training_parts(checkpoint: Checkpoint) -> Checkpoint:
 
 def write_checkpoint(path: str | os.PathLike, arch: str, state_dict: Mapping[str, torch.Tensor],
                      arch_kwargs: Mapping[str, Any] | None = None, **metadata: Any) -> Path:
-    """Write deploykit's checkpoint format atomically; the result loads with ``weights_only=True``."""
+    """Write deploykit's checkpoint format atomically; the result loads with ``weights_only=True``. A
+    ``.safetensors`` path gets a real safetensors file, the fields (arch, arch_kwargs, ...) JSON-encoded in its
+    metadata, so that `load_checkpoint` finds the architecture in it."""
     from deploykit import __version__
 
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
-               "arch_kwargs": dict(arch_kwargs or {}), "state_dict": dict(state_dict),
-               "created_by": f"deploykit {__version__}", "torch_version": str(torch.__version__), **metadata}
+    fields = {"format_version": FORMAT_VERSION, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}),
+              "created_by": f"deploykit {__version__}", "torch_version": str(torch.__version__), **metadata}
     path = Path(path)
     with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            tensors = {key: value.detach().clone().contiguous() for key, value in state_dict.items()}  # unshared
+            save_file(tensors, temporary, metadata={"format": FORMAT, **{k: json.dumps(v) for k, v in fields.items()}})
+        else:
+            torch.save({"format": FORMAT, **fields, "state_dict": dict(state_dict)}, temporary)
     return path
 
 

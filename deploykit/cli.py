@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
         model=args.model, arch=args.arch, output_dir=args.output_dir, overwrite=args.overwrite,
-        input_shape=args.input_shape, dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial, opset=args.opset,
-        lowering=args.lowering, inputs=args.inputs, images=args.images, mean=args.mean, std=args.std,
+        input_shape=args.input_shape, dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial,
+        opset=args.opset, lowering=args.lowering, inputs=args.inputs, images=args.images, mean=args.mean, std=args.std,
         seed=args.seed, rtol=args.rtol, atol=args.atol,
         providers=args.providers.split(",") if args.providers is not None else None, threads=args.threads,
         trust_pickle=args.trust_pickle, engine=args.engine, fp16=args.fp16, plugins=args.plugins,

@@ -64,6 +64,9 @@ class ExportConfig:
         triton_instance: where Triton's onnxruntime backend runs the model, "cpu" or "gpu". Defaults to "cpu".
         force: write the Triton repository even when the verdict is "failed" or "inconclusive". Defaults to False.
         verbose: debug logging and the exporter's own diagnostics.
+        progress: log each stage on stderr as the CLI does, unless the application configured logging itself (the
+            ``deploykit`` logger or the root logger; then its configuration decides). Defaults to True; False
+            keeps a Python caller's run silent.
     """
 
     model: str | os.PathLike | nn.Module
@@ -96,6 +99,7 @@ class ExportConfig:
     triton_instance: str | None = None
     force: bool = False
     verbose: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.input_shape is not None:

@@ -68,6 +68,18 @@ def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def image_batches(files: Sequence[Path], shapes: Sequence[Sequence[int]]) -> list[list[Path]]:
+    """Which images make each verification batch (one per shape). With two shapes and three or more images:
+    batches of 1 and N-1, every image once; with fewer: every image at both shapes, and when the two shapes differ
+    only in the batch, the first image once more in the second batch, so the second batch size is checked too."""
+    if len(shapes) == 1:
+        return [list(files)]
+    if len(files) >= 3:
+        return [list(files[:1]), list(files[1:])]
+    resized = tuple(shapes[1][2:]) != tuple(shapes[0][2:])
+    return [list(files), list(files) if resized else [*files, files[0]]]
+
+
 def load_images(paths: Sequence[str | os.PathLike], shape: Sequence[int], preprocessing: Preprocessing = IMAGENET
                 ) -> np.ndarray:
     """The images at `paths` as one float32 batch [N, C, H, W] for an input of `shape` (C, H, W), C 1 or 3."""

@@ -47,3 +47,9 @@ def checked_input(array: np.ndarray, source: str) -> np.ndarray:
                           f"the float32 model cannot take; save float32 values.")
     LOGGER.info("  the input in %s is %s: cast to float32, the precision of the exported model", source, array.dtype)
     return cast
+
+
+def batch_sizes(array: np.ndarray, dynamic_batch: bool) -> list[np.ndarray]:
+    """The user's input as the verification batches: as given, and with a dynamic batch once more with its first
+    sample repeated at the end, so that the file is checked at a second batch size on the user's own data."""
+    return [array, np.concatenate([array, array[:1]])] if dynamic_batch else [array]

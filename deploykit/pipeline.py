@@ -20,10 +20,10 @@ from deploykit.errors import DeployError, VerificationFailed
 from deploykit.fileio import missing_reason
 from deploykit.export.onnx import DEFAULT_OPSET, onnx_from_model
 from deploykit.export.passes import run_passes
-from deploykit.images import IMAGENET, image_files, load_images
-from deploykit.inputs import checked_input, structured_noise
+from deploykit.images import IMAGENET, image_batches, image_files, load_images
+from deploykit.inputs import batch_sizes, checked_input, structured_noise
 from deploykit.localize import first_divergence
-from deploykit.log import LOGGER, stage
+from deploykit.log import LOGGER, progress, stage
 from deploykit.models import MODELS, arch_from_file_name, build_model, check_dynamic_spatial, model_spec
 from deploykit.nn import DeformConv2d, ModulatedDeformConv2d
 from deploykit.runtime import trt
@@ -65,6 +65,11 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
         DeployError: a problem with the input (bad checkpoint, unknown arch, shape, unwritable directory, ...);
             nothing is written then.
     """
+    with progress(config.progress, config.verbose):
+        return _export(config, raise_on_mismatch)
+
+
+def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     trt_version, plugin_library = None, None
@@ -96,6 +101,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     min_spatial = _spatial_floor(config, arch, model, input_shape, opset) if config.dynamic_spatial else None
     shapes = _verification_shapes(input_shape, dynamic_batch, min_spatial, arch is not None)
     feeds = _make_feeds(config, arch, shapes)
+    sources = _input_sources(config, feeds, shapes)
     # Checked now, created only when the artifacts are written: a run that fails before leaves no directory.
     output_dir = artifacts.check_output_dir(config.output_dir or Path("deploykit-out") / (arch or "model"),
                                             config.overwrite)
@@ -132,7 +138,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
 
     report = {
         "versions": artifacts.versions(),
-        "config": _config_summary(config, arch, input_shape, dynamic_batch, opset),
+        "config": _config_summary(config, arch, input_shape, dynamic_batch, opset, output_dir),
         "model": {"arch": arch, "checkpoint": str(checkpoint.path),
                   "parameters": sum(p.numel() for p in model.parameters())},
         "export": {"opset": opset, "ir_version": onnx_model.ir_version, "dynamic_batch": dynamic_batch,
@@ -143,6 +149,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
                    "passes": pass_report.as_dict()},
         "runtime": {"name": "onnxruntime", "providers": session.get_providers()},
         "verification": verification.as_dict(),
+        "input_sources": sources,
         "reproduce": polygraphy_command(artifacts.MODEL_FILE, artifacts.INPUTS_FILE,
                                         artifacts.TORCH_OUTPUTS_FILE, verification),
         "verdict": verification.verdict,
@@ -156,7 +163,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     verdict = combined_verdict([check.verdict for check in checks.values()])
     report["verdict"] = verdict
     for runtime, check in checks.items():
-        _log_verdict(runtime, check)
+        _log_verdict(runtime, check, sources if config.inputs or config.images else None)
     if config.triton_repo is not None:
         report["triton"] = _triton_repository(config, arch, verdict, onnx_model, dynamic_batch, input_shape, engine,
                                               report.get("tensorrt"), plugin_library)
@@ -203,18 +210,20 @@ def _triton_repository(config: ExportConfig, arch: str | None, verdict: str, onn
     return {**section, "written": True, "models": models, "forced": verdict != PASSED}
 
 
-def _log_verdict(runtime: str, check: Verification) -> None:
-    """One line per check: the verdict, the worst sample against its bound, and why when inconclusive."""
+def _log_verdict(runtime: str, check: Verification, sources: list[list[str]] | None) -> None:
+    """One line per check: the verdict, the worst sample (and the user's file it came from) against its bound, and
+    why when inconclusive."""
     worst = check.worst
     pytorch = f", PyTorch float32 {worst.e_ref:.2g}" if worst.e_ref is not None else ""
     counts = ", ".join(f"{n} {status}" for status, n in check.counts.items() if n)
-    LOGGER.info("%s: %s vs PyTorch %s, %s samples; worst: output %r sample %d of batch %d at %.2g of its range "
+    source = f" ({sources[worst.iteration][worst.sample]})" if sources else ""
+    LOGGER.info("%s: %s vs PyTorch %s, %s samples; worst: output %r sample %d of batch %d%s at %.2g of its range "
                 "(bound %.2g%s)", check.verdict.upper(), runtime, check.reference, counts, worst.output, worst.sample,
-                worst.iteration, worst.e_dep, worst.bound, pytorch)
+                worst.iteration, source, worst.e_dep, worst.bound, pytorch)
     if check.verdict == "inconclusive":
-        LOGGER.info("  every input is unstable for this network in float32 (PyTorch's own float32 output is more "
-                    "than %g tolerances from float64), so no float32 runtime can be checked on it: verify on other "
-                    "inputs (--images, --inputs, --seed)", INSTABILITY_FACTOR)
+        LOGGER.info("  every input is unstable for this network in float32 at this tolerance (PyTorch's own float32 "
+                    "output is more than %g tolerances from float64), so no float32 runtime can be checked on it: "
+                    "verify on other inputs (--images, --inputs, --seed) or loosen --rtol/--atol", INSTABILITY_FACTOR)
     if check.first_divergence:
         LOGGER.info("  %s", check.first_divergence["summary"])
 
@@ -342,7 +351,7 @@ def _make_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int, 
     if config.inputs is not None:
         array = _load_npz_input(config.inputs)
         _check_npz_shape(config, array, shapes[0], dynamic_batch=len(shapes) > 1)
-        return [{INPUT_NAME: array}]
+        return [{INPUT_NAME: batch} for batch in batch_sizes(array, dynamic_batch=len(shapes) > 1)]
     if config.images is not None:
         return _image_feeds(config, arch, shapes)
     generator = torch.Generator().manual_seed(0 if config.seed is None else config.seed)
@@ -352,26 +361,30 @@ def _make_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int, 
 
 
 def _image_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
-    """The user's images, preprocessed as the model expects. With two verification shapes and three or more images:
-    batches of 1 and N-1 (every image once, the second batch at the second shape's size); with fewer images and a
-    second size, every image at both sizes."""
+    """The user's images, preprocessed as the model expects, in the batches of `image_batches`."""
     if len(shapes[0]) != 4:
         raise DeployError(f"--images needs an image input (N, C, H, W); the model's input shape is "
                           f"{'x'.join(map(str, shapes[0]))}.")
     preprocessing = (model_spec(arch).preprocessing if arch is not None else IMAGENET).with_statistics(config.mean,
                                                                                                       config.std)
     files = image_files(config.images)
-    with stage(f"Reading {len(files)} image(s) ({preprocessing})"):
-        first = load_images(files, shapes[0][1:], preprocessing)
-        resized = len(shapes) == 2 and shapes[1][2:] != shapes[0][2:]
-        second = load_images(files if len(files) < 3 else files[1:], shapes[1][1:], preprocessing) if resized else None
-    if len(shapes) == 1 and len(first) != shapes[0][0]:
-        raise DeployError(f"--static-batch exports batch {shapes[0][0]} but --images gave {len(first)} image(s); "
-                          f"pass --input-shape {len(first)}x{'x'.join(map(str, shapes[0][1:]))} or drop "
+    if len(shapes) == 1 and len(files) != shapes[0][0]:
+        raise DeployError(f"--static-batch exports batch {shapes[0][0]} but --images gave {len(files)} image(s); "
+                          f"pass --input-shape {len(files)}x{'x'.join(map(str, shapes[0][1:]))} or drop "
                           f"--static-batch.")
-    if len(shapes) == 2 and len(first) >= 3:
-        return [{INPUT_NAME: first[:1]}, {INPUT_NAME: second if resized else first[1:]}]
-    return [{INPUT_NAME: first}] + ([{INPUT_NAME: second}] if resized else [])
+    with stage(f"Reading {len(files)} image(s) ({preprocessing})"):
+        batches = image_batches(files, shapes)
+        for index, batch in enumerate(batches):
+            LOGGER.info("  batch %d: %s", index, ", ".join(map(str, batch)))
+        return [{INPUT_NAME: load_images(batch, shape[1:], preprocessing)} for batch, shape in zip(batches, shapes)]
+
+
+def _input_sources(config: ExportConfig, feeds: list[dict[str, np.ndarray]], shapes) -> list[list[str]]:
+    """Where each sample of each verification batch came from, for the report and the verdict line."""
+    if config.images is not None:
+        return [[str(path) for path in batch] for batch in image_batches(image_files(config.images), shapes)]
+    origin = f"{config.inputs} sample" if config.inputs is not None else f"structured noise (seed {config.seed or 0})"
+    return [[f"{origin} {row % len(feeds[0][INPUT_NAME])}" for row in range(len(feed[INPUT_NAME]))] for feed in feeds]
 
 
 def _load_npz_input(path: Path) -> np.ndarray:
@@ -427,12 +440,12 @@ def _check_npz_shape(config: ExportConfig, array: np.ndarray, expected: tuple[in
 
 
 def _config_summary(config: ExportConfig, arch: str | None, input_shape: tuple[int, ...], dynamic_batch: bool,
-                    opset: int) -> dict:
+                    opset: int, output_dir: Path) -> dict:
     summary = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "model"}
     summary.update(model=str(config.model) if not isinstance(config.model, nn.Module) else type(config.model).__name__,
                    arch=arch, input_shape=list(input_shape), dynamic_batch=dynamic_batch, opset=opset,
                    lowering=config.lowering or "auto",
-                   output_dir=str(config.output_dir) if config.output_dir else None,
+                   output_dir=str(output_dir),
                    inputs=str(config.inputs) if config.inputs else None,
                    images=[str(p) for p in config.images] if config.images else None)
     return summary

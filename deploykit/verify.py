@@ -47,6 +47,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc, RunResults
 
 from deploykit.log import polygraphy_quiet
+from deploykit.memory import check_fits, memory_errors, out_of_memory
 
 DEFAULT_RTOL = 1e-4
 FP16_RTOL = 1e-2  # an FP16 engine's tolerance: half precision keeps ~3 significant digits
@@ -244,20 +245,28 @@ def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def torch_reference(model: torch.nn.Module, feeds: Sequence[Feed], output_names: Sequence[str]) -> TorchReference:
     """Run `model` in float32, in float32 on `PROBES` ulp-nudged inputs, and (a deep copy) in float64. Errors of the
-    float32 run propagate (they mean the model cannot take the input); a model that cannot run in float64 falls
-    back to the float32 reference."""
-    float32 = run_torch(model, feeds, output_names)
-    try:
-        float64 = run_torch(float64_copy(model), feeds, output_names, torch.float64)
-    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return TorchReference(float32, None, fallback_reason=f"the model cannot run in float64 ({reason.rstrip('.')})")
-    computed_in = {str(a.dtype) for it in float64 for a in it.values() if np.issubdtype(a.dtype, np.floating)}
-    if computed_in != {"float64"}:
-        return TorchReference(float32, None, fallback_reason=f"the model's float64 copy returns "
-                                                             f"{', '.join(sorted(computed_in))} outputs, so it "
-                                                             f"computes in lower precision internally")
-    probes = [run_torch(model, nudged(feeds, seed), output_names) for seed in range(PROBES)]
+    float32 run propagate (they mean the model cannot take the input), except running out of memory, which is
+    said as such (`deploykit.memory`); a model that cannot run in float64 falls back to the float32 reference."""
+    shape = "x".join(map(str, next(iter(feeds[0].values())).shape))
+    what = f"Running the model in PyTorch on inputs of shape {shape}"
+    # The inputs in float32 and float64 are a lower bound of what the run holds at once.
+    check_fits(sum(a.size for feed in feeds for a in feed.values()) * (4 + 8), what)
+    with memory_errors(what):
+        float32 = run_torch(model, feeds, output_names)
+        try:
+            float64 = run_torch(float64_copy(model), feeds, output_names, torch.float64)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+            if out_of_memory(err, what) is not None:
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return TorchReference(float32, None,
+                                  fallback_reason=f"the model cannot run in float64 ({reason.rstrip('.')})")
+        computed_in = {str(a.dtype) for it in float64 for a in it.values() if np.issubdtype(a.dtype, np.floating)}
+        if computed_in != {"float64"}:
+            return TorchReference(float32, None, fallback_reason=f"the model's float64 copy returns "
+                                                                 f"{', '.join(sorted(computed_in))} outputs, so it "
+                                                                 f"computes in lower precision internally")
+        probes = [run_torch(model, nudged(feeds, seed), output_names) for seed in range(PROBES)]
     return TorchReference(float32, float64, probes)
 
 

@@ -20,11 +20,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m models", description=__doc__.strip().splitlines()[0],
         epilog="architectures: " + ", ".join(sorted(MODELS)))
     parser.add_argument("arch", help="architecture name (see the list below)")
-    parser.add_argument("-o", "--output", required=True, help="checkpoint file to write (e.g. scnet50.pt)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="checkpoint file to write: .pt/.pth (torch.save) or .safetensors (e.g. scnet50.pt)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     args = parser.parse_args(argv)
     try:
         spec = model_spec(args.arch)
+        print(f"building {args.arch} with random weights (seed {args.seed}) and calibrating its BatchNorms on "
+              f"structured noise (up to a minute) ...", file=sys.stderr, flush=True)
         model = random_model(args.arch, seed=args.seed)
         path = write_checkpoint(args.output, args.arch, model.state_dict(), seed=args.seed,
                                 input_shape=list(spec.input_shape))
