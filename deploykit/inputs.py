@@ -40,7 +40,8 @@ def checked_input(array: np.ndarray, source: str) -> np.ndarray:
                           f"least one sample in every dimension.")
     if array.dtype == np.float32:
         return np.ascontiguousarray(array)
-    cast = np.ascontiguousarray(array, dtype=np.float32)
+    with np.errstate(over="ignore"):  # counted below
+        cast = np.ascontiguousarray(array, dtype=np.float32)
     beyond = int(np.size(cast) - np.count_nonzero(np.isfinite(cast)))
     if beyond:
         raise DeployError(f"The input in {source} has {beyond} {array.dtype} value(s) beyond float32's range, which "
