@@ -99,9 +99,10 @@ def _last_run_files(directory: Path) -> set[str]:
 def _refuse_foreign_files(directory: Path, overwrite: bool) -> None:
     foreign = [] if overwrite else foreign_files(directory)
     if foreign:
+        them = "them" if len(foreign) > 1 else "it"
         raise DeployError(f"Output directory {directory} already holds {', '.join(foreign)}, which the last deploykit "
-                          f"run there did not write (or which changed since); move them away, choose another "
-                          f"--output-dir, or pass --overwrite to replace them.")
+                          f"run there did not write (or which changed since); move {them} away, choose another "
+                          f"--output-dir, or pass --overwrite to replace {them}.")
 
 
 def write_artifacts(output_dir: Path, model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],

@@ -41,7 +41,7 @@ def check_fits(needed: int, what: str) -> None:
     never refuses a run that would fit."""
     available = available_bytes()
     if available is not None and needed > available:
-        raise DeployError(f"{what} needs at least {_size(needed)} of memory but only {_size(available)} is "
+        raise DeployError(f"{what} needs at least {_size(needed)} of memory, more than the {_size(available)} "
                           f"available; pass a smaller --input-shape batch or size, or free memory.")
 
 
@@ -52,10 +52,11 @@ def out_of_memory(err: BaseException, what: str) -> DeployError | None:
     if not (isinstance(err, MemoryError) or any(marker in text for marker in _OOM_MARKERS)):
         return None
     asked = _ALLOCATION.search(text)
-    amount = f" (one allocation of {_size(int(asked.group(1)))} failed)" if asked else ""
     available = available_bytes()
-    left = f" with {_size(available)} available" if available is not None else ""
-    return DeployError(f"{what} ran out of memory{amount}{left}; pass a smaller --input-shape batch or size, or run "
+    details = [*([f"one allocation of {_size(int(asked.group(1)))} failed"] if asked else []),
+               *([f"{_size(available)} is free now"] if available is not None else [])]
+    said = f" ({'; '.join(details)})" if details else ""
+    return DeployError(f"{what} ran out of memory{said}; pass a smaller --input-shape batch or size, or run "
                        f"on a machine with more memory.")
 
 
@@ -72,4 +73,7 @@ def memory_errors(what: str) -> Iterator[None]:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 2 ** 30:.1f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.0f} MiB"
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
