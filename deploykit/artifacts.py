@@ -31,7 +31,7 @@ from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
 
 from deploykit.errors import DeployError
-from deploykit.fileio import check_writable_dir, output_directory, partial_name
+from deploykit.fileio import LOCK_FILE, check_writable_dir, output_directory, partial_name
 from deploykit.log import polygraphy_quiet
 
 MODEL_FILE = "model.onnx"
@@ -68,12 +68,15 @@ def check_output_dir(directory: str | os.PathLike, overwrite: bool = False) -> P
 
 def foreign_files(directory: Path) -> list[str]:
     """The files in `directory` that bear an artifact's name but are not the last run's artifacts: not listed with
-    their SHA-256 in its report.json, changed since, or not regular files (a user's file, or a symbolic link)."""
+    their SHA-256 in its report.json, changed since, or not regular files (a user's file, or a symbolic link); and
+    a ``.deploykit.lock`` that is not an empty file."""
     present = [name for name in ARTIFACT_FILES if (directory / name).exists() or (directory / name).is_symlink()]
-    if not present:
-        return []
-    owned = _last_run_files(directory)
-    return [name for name in present if name not in owned]
+    owned = _last_run_files(directory) if present else set()
+    foreign = [name for name in present if name not in owned]
+    lock = directory / LOCK_FILE  # deploykit's lock file is empty (a killed run may leave it); the write removes it
+    if lock.is_symlink() or lock.exists() and not (lock.is_file() and lock.stat().st_size == 0):
+        foreign.append(LOCK_FILE)
+    return foreign
 
 
 def _last_run_files(directory: Path) -> set[str]:

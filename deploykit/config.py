@@ -107,8 +107,8 @@ class ExportConfig:
             if not self.input_shape or any(d < 1 for d in self.input_shape):
                 raise DeployError(f"Input shape {self.input_shape} is invalid: every dimension must be >= 1.")
         _check_tolerances(self.rtol, self.atol)
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
-            raise DeployError(f"--seed must be an integer from 0 to {MAX_SEED}, got {self.seed}.")
+        if self.seed is not None:
+            check_seed(self.seed)
         if self.providers is not None and (not self.providers or not all(p.strip() for p in self.providers)):
             raise DeployError(f"--providers {','.join(self.providers)!r} names an empty provider; pass names such as "
                               f"cpu or cuda,cpu, or leave the option out for the best available.")
@@ -174,6 +174,12 @@ def parse_floats(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(","))
     except ValueError:
         raise DeployError(f"{text!r} is not a comma-separated list of numbers such as 0.485,0.456,0.406.") from None
+
+
+def check_seed(seed: int) -> None:
+    """A seed torch's generators take (a larger one would end in an overflow traceback)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DeployError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed}.")
 
 
 def _check_tolerances(rtol: float | None, atol: float | None) -> None:

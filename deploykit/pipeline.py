@@ -446,6 +446,7 @@ def _config_summary(config: ExportConfig, arch: str | None, input_shape: tuple[i
                    arch=arch, input_shape=list(input_shape), dynamic_batch=dynamic_batch, opset=opset,
                    lowering=config.lowering or "auto",
                    output_dir=str(output_dir),
+                   seed=(config.seed or 0) if config.inputs is None and config.images is None else None,
                    inputs=str(config.inputs) if config.inputs else None,
                    images=[str(p) for p in config.images] if config.images else None)
     return summary

@@ -231,6 +231,8 @@ CASES = [
     Case("output_symlinked_artifact", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "-o", str(_symlink(
         _mkdir(t / "out") / "model.onnx", _write(t / "mine.onnx", b"the user's model")).parent)],
          "already holds model.onnx"),
+    Case("output_user_lock_file", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "-o", str(user_files(
+        t / "out", ".deploykit.lock"))], "already holds .deploykit.lock"),
     Case("triton_foreign_model_folder", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--triton-repo", str(
         user_files(t / "repo" / "model", "config.pbtxt").parent)], "already holds model, which deploykit did not write"),
     # issue 19: images

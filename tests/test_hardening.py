@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_conv_net
+from conftest import assert_one_sentence, tiny_conv_net
 from deploykit import cli
 from deploykit.checkpoint import load_checkpoint
 from deploykit.config import ExportConfig
@@ -84,6 +84,23 @@ def test_zoo_tool_writes_real_safetensors_with_the_arch(tmp_path, monkeypatch, c
     expected = model.state_dict()
     assert checkpoint.arch == "od_resnet18" and checkpoint.metadata["input_shape"] == [3, 224, 224]
     assert all(torch.equal(checkpoint.state_dict[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["-o", "{tmp}/mine.pt"], "exists already; choose another name, or pass --overwrite"),
+    (["-o", "{tmp}"], "is a directory"),
+    (["-o", "{tmp}/mine.pt/x.pt"], "is not writable"),
+    (["-o", "{tmp}/new.pt", "--seed", "99999999999999999999999"], "--seed must be an integer from 0 to"),
+])
+def test_zoo_tool_refuses_before_the_minute_of_calibration(tmp_path, monkeypatch, capsys, argv, fragment):
+    import deploykit.models.__main__ as zoo_tool
+
+    monkeypatch.setattr(zoo_tool, "random_model", lambda arch, seed: pytest.fail("calibrated before refusing"))
+    (tmp_path / "mine.pt").write_bytes(b"the user's own checkpoint")
+    assert zoo_tool.main(["od_resnet18", *(a.replace("{tmp}", str(tmp_path)) for a in argv)]) == 2
+    assert_one_sentence(capsys.readouterr().err.strip().removeprefix("error: "), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.pt"]
+    assert (tmp_path / "mine.pt").read_bytes() == b"the user's own checkpoint"
 
 
 def _replay_line(stderr: str) -> str:
