@@ -12,7 +12,7 @@ from pathlib import Path
 from deploykit.errors import DeployError
 
 _CGROUP = Path("/sys/fs/cgroup")
-_ALLOCATION = re.compile(r"allocate (\d+) bytes")
+_ALLOCATION = re.compile(r"allocate (\d+) bytes|buffer of size (\d+)")  # PyTorch's, onnxruntime's words
 _OOM_MARKERS = ("can't allocate memory", "DefaultCPUAllocator", "not enough memory", "out of memory",
                 "Failed to allocate memory")
 
@@ -53,7 +53,7 @@ def out_of_memory(err: BaseException, what: str) -> DeployError | None:
         return None
     asked = _ALLOCATION.search(text)
     available = available_bytes()
-    details = [*([f"one allocation of {_size(int(asked.group(1)))} failed"] if asked else []),
+    details = [*([f"one allocation of {_size(int(asked.group(1) or asked.group(2)))} failed"] if asked else []),
                *([f"{_size(available)} is free now"] if available is not None else [])]
     said = f" ({'; '.join(details)})" if details else ""
     return DeployError(f"{what} ran out of memory{said}; pass a smaller --input-shape batch or size, or run "
@@ -62,10 +62,11 @@ def out_of_memory(err: BaseException, what: str) -> DeployError | None:
 
 @contextlib.contextmanager
 def memory_errors(what: str) -> Iterator[None]:
-    """Turn running out of memory in the block into `out_of_memory`'s `DeployError`; other errors pass."""
+    """Turn running out of memory in the block into `out_of_memory`'s `DeployError`; other errors pass (onnxruntime's
+    errors are not RuntimeErrors, hence the broad catch)."""
     try:
         yield
-    except (RuntimeError, MemoryError) as err:
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is out of memory
         oom = out_of_memory(err, what)
         if oom is None:
             raise

@@ -249,8 +249,9 @@ def torch_reference(model: torch.nn.Module, feeds: Sequence[Feed], output_names:
     said as such (`deploykit.memory`); a model that cannot run in float64 falls back to the float32 reference."""
     shape = "x".join(map(str, next(iter(feeds[0].values())).shape))
     what = f"Running the model in PyTorch on inputs of shape {shape}"
-    # The inputs in float32 and float64 are a lower bound of what the run holds at once.
-    check_fits(sum(a.size for feed in feeds for a in feed.values()) * (4 + 8), what)
+    # A lower bound of what the run holds at once: the inputs in float32 and float64, and the float64 copy's weights.
+    check_fits(sum(a.size for feed in feeds for a in feed.values()) * (4 + 8)
+               + sum(p.numel() for p in model.parameters()) * 8, what)
     with memory_errors(what):
         float32 = run_torch(model, feeds, output_names)
         try:
@@ -272,7 +273,8 @@ def torch_reference(model: torch.nn.Module, feeds: Sequence[Feed], output_names:
 
 def onnxrt_results(session, feeds: Sequence[Feed]) -> RunResults:
     """Run an onnxruntime session through Polygraphy's runner on each feed."""
-    with polygraphy_quiet():
+    shape = "x".join(map(str, next(iter(feeds[0].values())).shape))
+    with polygraphy_quiet(), memory_errors(f"Running the exported model in onnxruntime on inputs of shape {shape}"):
         return Comparator.run([OnnxrtRunner(session, name=ONNXRT_RUNNER)], data_loader=list(feeds))
 
 

@@ -263,9 +263,13 @@ CASES = [
     Case("out_of_memory", lambda t, s, m: [m.setattr("deploykit.verify.run_torch", _allocator_fails),
                                            "--model", str(s["tiny"]), *TINY][1:],
          "on inputs of shape 1x3x8x8 ran out of memory (one allocation of 12.0 GiB failed; "),
+    Case("ort_out_of_memory", lambda t, s, m: [m.setattr("deploykit.pipeline.session_from_onnx", _arena_fails),
+                                               "--model", str(s["tiny"]), *TINY][1:],
+         "Running the exported model in onnxruntime on inputs of shape 1x3x8x8 ran out of memory (one allocation of "
+         "64.0 GiB failed; "),
     Case("memory_estimate", lambda t, s, m: [m.setattr("deploykit.memory.available_bytes", lambda: 1000),
                                              "--model", str(s["tiny"]), *TINY][1:],
-         "needs at least 6.8 KiB of memory, more than the 1000 bytes available"),
+         "needs at least 8.2 KiB of memory, more than the 1000 bytes available"),
     # issue 19: words
     Case("symlink_loop", lambda t, s, m: ["--model", str(_symlink(t / "a.pt", _symlink(t / "b.pt", t / "a.pt")))],
          "a.pt is a symbolic link loop"),
@@ -310,6 +314,26 @@ def _edited_checkpoint(path: Path, **fields) -> Path:
 def _allocator_fails(*args, **kwargs):
     raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
                        "tried to allocate 12884901888 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def _arena_fails(model, providers=None, threads=None):
+    """An onnxruntime session whose arena cannot allocate, raising what onnxruntime raises then."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    from deploykit.runtime.ort import session_from_onnx
+
+    session = session_from_onnx(model, providers, threads)
+
+    class Session:
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run(self, *args, **kwargs):
+            raise RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                                   "running Conv node. Status Message: bfc_arena.cc:376 Failed to allocate memory for "
+                                   "requested buffer of size 68719476736")
+
+    return Session()
 
 
 def _write(path: Path, data: bytes) -> Path:
