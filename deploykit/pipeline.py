@@ -17,9 +17,9 @@ from deploykit import artifacts
 from deploykit.checkpoint import Checkpoint, check_weights, load_checkpoint, weights_hint
 from deploykit.config import ExportConfig
 from deploykit.errors import DeployError, VerificationFailed
-from deploykit.fileio import missing_reason
 from deploykit.export.onnx import DEFAULT_OPSET, onnx_from_model
 from deploykit.export.passes import run_passes
+from deploykit.fileio import missing_reason
 from deploykit.images import IMAGENET, image_batches, image_files, load_images
 from deploykit.inputs import batch_sizes, checked_input, structured_noise
 from deploykit.localize import first_divergence
@@ -351,6 +351,8 @@ def _make_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int, 
     if config.inputs is not None:
         array = _load_npz_input(config.inputs)
         _check_npz_shape(config, array, shapes[0], dynamic_batch=len(shapes) > 1)
+        if config.dynamic_spatial:
+            LOGGER.info("  --inputs has one size: the dynamic height and width are verified at that size only")
         return [{INPUT_NAME: batch} for batch in batch_sizes(array, dynamic_batch=len(shapes) > 1)]
     if config.images is not None:
         return _image_feeds(config, arch, shapes)

@@ -234,7 +234,8 @@ CASES = [
     Case("output_user_lock_file", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "-o", str(user_files(
         t / "out", ".deploykit.lock"))], "already holds .deploykit.lock"),
     Case("triton_foreign_model_folder", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--triton-repo", str(
-        user_files(t / "repo" / "model", "config.pbtxt").parent)], "already holds model, which deploykit did not write"),
+        user_files(t / "repo" / "model", "config.pbtxt").parent)],
+         "already holds model, which deploykit did not write"),
     # issue 19: images
     Case("images_float_out_of_range", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--images", str(
         _float_image(t / "depth.tiff"))], "holds floating-point pixels from 0 to 1000"),
@@ -416,7 +417,8 @@ def test_user_files_bearing_the_artifacts_names_are_never_touched(tmp_path, shar
     theirs = contents(out)
     argv = ["--model", str(shared["tiny"]), *TINY, "-o", str(out)]
     assert cli.main(argv) == 2
-    assert "already holds model.onnx, inputs.json, torch_outputs.json, report.json, model.plan" in capsys.readouterr().err
+    refused = capsys.readouterr().err
+    assert "already holds model.onnx, inputs.json, torch_outputs.json, report.json, model.plan" in refused
     assert contents(out) == theirs
     with pytest.raises(DeployError, match="already holds"):  # the check under the lock, for files that came late
         artifacts.write_artifacts(out, onnx.ModelProto(), [], RunResults(), {})
