@@ -13,11 +13,20 @@ import torch.nn.functional as F
 
 from deploykit.errors import DeployError
 from deploykit.log import LOGGER
+from deploykit.memory import check_fits, memory_errors
 
 
 def structured_noise(batch: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """`batch` random images of `shape` (C, H, W): smooth noise at a random scale, random contrast and colour
     cast, plus fine grain. Deterministic for a seeded `generator`."""
+    channels, height, width = shape
+    what = f"Making random inputs of shape {batch}x{channels}x{height}x{width}"
+    check_fits(2 * batch * channels * height * width * 4, what)  # the batch and one image's temporaries at least
+    with memory_errors(what):
+        return _structured_noise(batch, shape, generator)
+
+
+def _structured_noise(batch: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     channels, height, width = shape
     images = []
     for _ in range(batch):

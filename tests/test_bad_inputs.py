@@ -268,9 +268,14 @@ CASES = [
                                                "--model", str(s["tiny"]), *TINY][1:],
          "Running the exported model in onnxruntime on inputs of shape 1x3x8x8 ran out of memory (one allocation of "
          "64.0 GiB failed; "),
-    Case("memory_estimate", lambda t, s, m: [m.setattr("deploykit.memory.available_bytes", lambda: 1000),
-                                             "--model", str(s["tiny"]), *TINY][1:],
-         "needs at least 8.2 KiB of memory, more than the 1000 bytes available"),
+    Case("memory_estimate_random_inputs", lambda t, s, m: [
+        m.setattr("deploykit.memory.available_bytes", lambda: 1000), "--model", str(s["tiny"]), *TINY][1:],
+         "Making random inputs of shape 1x3x8x8 needs at least 1.5 KiB of memory, more than the 1000 bytes available"),
+    Case("memory_estimate", lambda t, s, m: [
+        m.setattr("deploykit.memory.available_bytes", lambda: 1000), "--model", str(s["tiny"]), *TINY, "--inputs",
+        str(npz(t / "x.npz", input=np.random.default_rng(0).standard_normal((1, 3, 8, 8), dtype=np.float32)))][1:],
+         "Running the model in PyTorch on inputs of shape 1x3x8x8 needs at least 8.2 KiB of memory, more than the "
+         "1000 bytes available"),
     # issue 19: words
     Case("symlink_loop", lambda t, s, m: ["--model", str(_symlink(t / "a.pt", _symlink(t / "b.pt", t / "a.pt")))],
          "a.pt is a symbolic link loop"),
