@@ -21,7 +21,7 @@ def structured_noise(batch: int, shape: tuple[int, ...], generator: torch.Genera
     cast, plus fine grain. Deterministic for a seeded `generator`."""
     channels, height, width = shape
     what = f"Making random inputs of shape {batch}x{channels}x{height}x{width}"
-    check_fits(2 * batch * channels * height * width * 4, what)  # the batch and one image's temporaries at least
+    check_fits(2 * batch * channels * height * width * 4, what)  # the images and their concatenation
     with memory_errors(what):
         return _structured_noise(batch, shape, generator)
 
