@@ -36,8 +36,8 @@ def partial_name(name: str) -> str:
 
 
 def missing_reason(path: str | os.PathLike) -> str:
-    """Why `path`, which does not exist as far as ``Path.exists`` can tell, cannot be opened: the completion of
-    "<path> ...", e.g. "does not exist" or "is a symbolic link loop"."""
+    """Why `path` is not a file that can be opened, as the completion of "<path> ...": "does not exist", "is a
+    symbolic link loop", "is a symbolic link to X, which does not exist", "is a directory", ..."""
     try:
         os.stat(path)
     except OSError as err:
@@ -48,7 +48,7 @@ def missing_reason(path: str | os.PathLike) -> str:
         if err.errno == errno.EACCES:
             return "cannot be reached (permission denied)"
         return "does not exist"
-    return "exists"
+    return "is a directory" if os.path.isdir(path) else "is not a regular file"
 
 
 def nearest_existing(path: Path) -> Path:

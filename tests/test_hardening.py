@@ -20,6 +20,7 @@ from conftest import assert_one_sentence, tiny_conv_net
 from deploykit import cli
 from deploykit.checkpoint import load_checkpoint
 from deploykit.config import ExportConfig
+from deploykit.errors import DeployError
 from deploykit.images import Preprocessing, load_images
 from deploykit.models import arch_from_file_name, build_model
 from deploykit.pipeline import export_model
@@ -175,3 +176,20 @@ def test_the_readme_installs_the_cpu_build_and_ci_is_unchanged():
         assert command.startswith("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && ")
     assert "python -m pip install --quiet --disable-pip-version-check torch==2.13.0\n" in \
         (REPO / ".ci" / "run").read_text()
+
+
+def test_paths_that_cannot_be_opened_say_why(tmp_path):
+    from deploykit.fileio import missing_reason
+    from deploykit.runtime.predictor import Predictor
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "broken").symlink_to(tmp_path / "gone")
+    assert missing_reason(tmp_path / "a") == "is a symbolic link loop"
+    assert missing_reason(tmp_path / "a" / "model.onnx") == "lies under a symbolic link loop"
+    assert missing_reason(tmp_path / "broken") == f"is a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    assert missing_reason(tmp_path / "nothing") == "does not exist"
+    assert missing_reason(tmp_path) == "is a directory"
+    with pytest.raises(DeployError) as err:
+        Predictor(tmp_path / "a")
+    assert_one_sentence(err.value, "a is a symbolic link loop")

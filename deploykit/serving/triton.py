@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 
 from deploykit.errors import DeployError
-from deploykit.fileio import nearest_existing
+from deploykit.fileio import missing_reason, nearest_existing
 
 CONFIG_FILE = "config.pbtxt"
 VERSION = "1"
@@ -236,7 +236,7 @@ def _profile(profile: Mapping[str, Sequence[int]] | None, inputs: Sequence[_Tens
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise DeployError(f"The {what} {path} does not exist.")
+        raise DeployError(f"The {what} {path} {missing_reason(path)}.")
     return path
 
 
