@@ -13,11 +13,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from deploykit.errors import DeployError
 from deploykit.fileio import missing_reason
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,21 +129,24 @@ def _image(path: Path, channels: int, height: int, width: int, preprocessing: Pr
     return pixels.transpose(2, 0, 1)
 
 
-def _unit_mode(image, path: Path, channels: int):
+def _unit_mode(image, path: Path, channels: int) -> tuple[Image.Image, float]:
     """`image` in a mode that resizes exactly, and the value that maps its pixels to [0, 1]: 8-bit images (every
     palette, grey, alpha, CMYK, YCbCr... mode, alpha dropped as torchvision does) as "L" or "RGB" over 255; 16-bit
     and 32-bit integer grey images (converting them to 8 bits would clip them to white) and floating-point ones
     as "F" over 65535 or 1."""
+    from PIL import Image
+
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image.convert("L" if channels == 1 else "RGB"), 255.0
     full_scale = 1.0 if image.mode == "F" else 65535.0
-    low, high = image.getextrema()
+    values = np.asarray(image, dtype=np.float32)  # through NumPy: Pillow cannot convert every 16-bit layout itself
+    low, high = float(values.min()), float(values.max())
     if not (0 <= low and high <= full_scale):
         kind = "floating-point" if image.mode == "F" else "integer"
         raise DeployError(f"--images: {path} holds {kind} pixels from {low:g} to {high:g}, outside the [0, "
                           f"{full_scale:g}] of a {'float' if image.mode == 'F' else '16-bit'} image, so their "
                           f"brightness is unknown; save it as an 8- or 16-bit image.")
-    return image.convert("F"), full_scale
+    return Image.fromarray(values), full_scale  # float32 -> mode "F"
 
 
 def _first_line(err: BaseException) -> str:

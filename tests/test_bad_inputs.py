@@ -308,7 +308,7 @@ def _symlink(link: Path, target: Path) -> Path:
 def _float_image(path: Path) -> Path:
     from PIL import Image
 
-    Image.fromarray(np.linspace(0, 1000, 400, dtype=np.float32).reshape(20, 20), mode="F").save(path)
+    Image.fromarray(np.linspace(0, 1000, 400, dtype=np.float32).reshape(20, 20)).save(path)  # mode "F"
     return path
 
 

@@ -36,11 +36,13 @@ def _ramp(height: int = 12, width: int = 16) -> np.ndarray:
     return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
 
 
-def test_16_bit_grey_png_reads_to_its_values_not_clipped_white(tmp_path):
+@pytest.mark.parametrize("name, mode", [("g16.png", "I;16"), ("g16.tiff", "I;16B")])
+def test_16_bit_grey_images_read_to_their_values_not_clipped_white(tmp_path, name, mode):
     pixels = np.random.default_rng(1).integers(0, 65536, (12, 16), dtype=np.uint16)
-    Image.fromarray(pixels).save(tmp_path / "g16.png")
-    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-    read = load_images([tmp_path / "g16.png"], (3, 12, 16), PLAIN)[0]
+    Image.frombytes(mode, (16, 12), pixels.astype(">u2" if mode.endswith("B") else "<u2").tobytes()).save(
+        tmp_path / name)
+    assert Image.open(tmp_path / name).mode == mode
+    read = load_images([tmp_path / name], (3, 12, 16), PLAIN)[0]
     expected = pixels.astype(np.float64) / 65535
     for channel in read:
         assert np.abs(channel - expected).max() <= 1e-6
@@ -59,7 +61,7 @@ def test_every_8_bit_mode_reads_as_pillow_converts_it(tmp_path, mode):
 
 def test_float_image_in_unit_range_is_read_as_is(tmp_path):
     pixels = np.random.default_rng(2).random((12, 16), dtype=np.float32)
-    Image.fromarray(pixels, mode="F").save(tmp_path / "f.tiff")
+    Image.fromarray(pixels).save(tmp_path / "f.tiff")
     read = load_images([tmp_path / "f.tiff"], (1, 12, 16), PLAIN)[0, 0]
     assert np.abs(read - pixels).max() <= 1e-6
 
