@@ -13,6 +13,7 @@ from torch import nn
 from deploykit.errors import DeployError
 
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+MAX_BATCH = 2 ** 31 - 1  # Triton's max_batch_size and TensorRT's profile dimensions are int32
 # The tolerance is relative to each output's range: below float32's resolution no float32 runtime can meet it, and
 # at a tenth of the range a broken export passes as easily as a working one.
 RTOL_RANGE = (float(np.finfo(np.float32).eps), 0.1)
@@ -140,8 +141,9 @@ class ExportConfig:
                 self.triton_repo is None:
             raise DeployError("--triton-name, --triton-instance and --force configure the Triton repository; name "
                               "it with --triton-repo.")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise DeployError(f"max_batch must be at least 1, got {self.max_batch}.")
+        if self.max_batch is not None and not 1 <= self.max_batch <= MAX_BATCH:
+            raise DeployError(f"max_batch must be from 1 to {MAX_BATCH} (Triton's and TensorRT's 32-bit limit), got "
+                              f"{self.max_batch}.")
         if self.opset is not None:
             from deploykit.export.onnx import SUPPORTED_OPSETS
 

@@ -44,9 +44,9 @@ def checked_input(array: np.ndarray, source: str) -> np.ndarray:
     """A user's floating-point input as the float32 array the exported model takes: an empty array is refused
     (it would fail deep inside PyTorch), and a cast from another precision is said, never silent."""
     if array.ndim == 0 or array.size == 0:
-        shape = "x".join(map(str, array.shape)) or "a scalar"
-        raise DeployError(f"The input in {source} has shape {shape}, which holds no sample; save an array with at "
-                          f"least one sample in every dimension.")
+        shape = f"has shape {'x'.join(map(str, array.shape))}" if array.ndim else "is a scalar"
+        raise DeployError(f"The input in {source} {shape}, which holds no sample; save an array with at least one "
+                          f"sample in every dimension.")
     if array.dtype == np.float32:
         return np.ascontiguousarray(array)
     with np.errstate(over="ignore"):  # counted below

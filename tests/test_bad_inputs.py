@@ -287,6 +287,11 @@ CASES = [
         t / "x.npz", input=np.zeros((0, 3, 8, 8), np.float32)))], "has shape 0x3x8x8, which holds no sample"),
     Case("inputs_beyond_float32", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--inputs", str(npz(
         t / "x.npz", input=np.full((1, 3, 8, 8), 1e300)))], "192 float64 value(s) beyond float32's range"),
+    Case("inputs_scalar", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--inputs", str(npz(
+        t / "x.npz", input=np.float32(0.5)))], "The input in --inputs {tmp}/x.npz is a scalar, which holds no sample"),
+    Case("max_batch_too_large", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--triton-repo", str(t / "repo"),
+                                                 "--max-batch", "99999999999"],
+         "max_batch must be from 1 to 2147483647 (Triton's and TensorRT's 32-bit limit), got 99999999999"),
     Case("input_shape_negative_separate", lambda t, s, m: ["--model", str(s["od"]), "--input-shape", "-1x3x224x224"],
          "Input shape '-1x3x224x224' is invalid: every dimension must be >= 1"),
 ]
