@@ -384,6 +384,12 @@ def tree(root: Path) -> list[str]:
     return sorted(found)
 
 
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for a directory or a symbolic link): nothing may change."""
+    return {name: None if (root / name).is_dir() or (root / name).is_symlink() else (root / name).read_bytes()
+            for name in tree(root)}
+
+
 def test_the_catalogue_is_large_enough_and_documented():
     assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
     doc = (REPO / "docs" / "bad-inputs.md").read_text()
@@ -395,7 +401,7 @@ def test_the_catalogue_is_large_enough_and_documented():
 def test_bad_input(case, tmp_path, shared, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = case.argv(tmp_path, shared, monkeypatch)
-    before = tree(tmp_path)
+    before = snapshot(tmp_path)
     try:
         status = cli.main(argv)
     except SystemExit as exit_:  # argparse's own usage errors
@@ -408,7 +414,7 @@ def test_bad_input(case, tmp_path, shared, capsys, monkeypatch):
     assert message.startswith("error: ") and message.endswith("."), message
     assert not re.search(r"\.\s+[A-Z]", message), f"more than one sentence: {message}"
     assert case.expected.replace("{tmp}", str(tmp_path)) in message, message
-    assert tree(tmp_path) == before, "a bad input left files or directories behind"
+    assert snapshot(tmp_path) == before, "a bad input left files or directories behind, or changed the user's"
     assert not (tmp_path / "deploykit-out").exists()
 
 
