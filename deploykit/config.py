@@ -197,11 +197,9 @@ def _check_tolerances(rtol: float | None, atol: float | None) -> None:
 def _check_statistics(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
     """--mean and --std apply to pixels in [0, 1]: values on the 0-255 scale (123.7, 58.4) are refused, not
     silently used."""
-    if mean is not None and not all(0 <= m <= 1 for m in mean):
-        scale = " (on the 0-255 scale: divide by 255)" if any(m > 1 for m in mean) else ""
-        raise DeployError(f"--mean values must be in [0, 1] like the pixels they apply to, got "
-                          f"{','.join(map(str, mean))}{scale}.")
-    if std is not None and not all(0 < s <= 1 for s in std):
-        scale = " (on the 0-255 scale: divide by 255)" if any(s > 1 for s in std) else ""
-        raise DeployError(f"--std values must be in (0, 1] like the pixels they apply to, got "
-                          f"{','.join(map(str, std))}{scale}.")
+    for name, values, interval, above_floor in (("--mean", mean, "[0, 1]", lambda v: v >= 0),
+                                                ("--std", std, "(0, 1]", lambda v: v > 0)):
+        if values is not None and not all(above_floor(v) and v <= 1 for v in values):
+            scale = " (on the 0-255 scale: divide by 255)" if any(v > 1 for v in values) else ""
+            raise DeployError(f"{name} values must be in {interval} like the pixels they apply to, got "
+                              f"{','.join(map(str, values))}{scale}.")
