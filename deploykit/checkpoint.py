@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploykit.errors import DeployError
+from deploykit.errors import DeployError, first_line
 from deploykit.fileio import atomic_path, missing_reason
 
 FORMAT = "deploykit.checkpoint"
@@ -112,10 +112,10 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
             raise DeployError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module), and loading them would run code "
                 f"from the file; re-run with {TRUST_PICKLE_FLAG} only if you trust its source.") from None
-        raise DeployError(f"{path} is corrupt or truncated: it cannot be unpickled ({_first_line(err)}); fetch or "
+        raise DeployError(f"{path} is corrupt or truncated: it cannot be unpickled ({first_line(err)}); fetch or "
                           f"save it again.") from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ModuleNotFoundError) as err:
-        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({_first_line(err)}); fetch or save "
+        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({first_line(err)}); fetch or save "
                           f"it again.") from None
     return _checkpoint_from_object(path, obj)
 
@@ -207,7 +207,7 @@ def _load_safetensors(path: Path, size: int) -> tuple[dict[str, torch.Tensor], d
             metadata = handle.metadata() or {}
         return load_file(path, device="cpu"), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
-        reason = _first_line(err)
+        reason = first_line(err)
         if "incomplete" in reason or "not fully covered" in reason:
             raise DeployError(f"{path} is not a valid safetensors file: it is truncated ({reason}); fetch or save it "
                               f"again.") from None
@@ -221,7 +221,7 @@ def _deploykit_fields(path: Path, metadata: Mapping[str, str], tensors: dict[str
     try:
         fields = {key: json.loads(value) for key, value in metadata.items() if key != "format"}
     except ValueError as err:
-        raise DeployError(f"{path} is a damaged deploykit checkpoint: its metadata is not JSON ({_first_line(err)}); "
+        raise DeployError(f"{path} is a damaged deploykit checkpoint: its metadata is not JSON ({first_line(err)}); "
                           f"save it again.") from None
     return {**fields, "format": FORMAT, "state_dict": tensors}
 
@@ -344,8 +344,3 @@ def write_checkpoint(path: str | os.PathLike, arch: str, state_dict: Mapping[str
         else:
             torch.save({"format": FORMAT, **fields, "state_dict": dict(state_dict)}, temporary)
     return path
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0].rstrip(".") if text else type(err).__name__

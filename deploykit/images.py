@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deploykit.errors import DeployError
+from deploykit.errors import DeployError, first_line
 from deploykit.fileio import missing_reason
 
 if TYPE_CHECKING:
@@ -117,10 +117,10 @@ def _image(path: Path, channels: int, height: int, width: int, preprocessing: Pr
             left, top = (resized.width - width) // 2, (resized.height - height) // 2
             pixels = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32) / full_scale
     except Image.DecompressionBombError as err:
-        raise DeployError(f"--images: {path} is too large to read safely ({_first_line(err)}); downscale it "
+        raise DeployError(f"--images: {path} is too large to read safely ({first_line(err)}); downscale it "
                           f"first.") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DeployError(f"--images: {path} is not a readable image ({_first_line(err)}).") from None
+        raise DeployError(f"--images: {path} is not a readable image ({first_line(err)}).") from None
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     if pixels.shape[2] != channels:  # a 16-bit or floating-point grey image for a colour model
         pixels = np.repeat(pixels, channels, axis=2)
@@ -147,8 +147,3 @@ def _unit_mode(image, path: Path, channels: int) -> tuple[Image.Image, float]:
                           f"{full_scale:g}] of a {'float' if image.mode == 'F' else '16-bit'} image, so their "
                           f"brightness is unknown; save it as an 8- or 16-bit image.")
     return Image.fromarray(values), full_scale  # float32 -> mode "F"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0].rstrip(".") if text else type(err).__name__
