@@ -30,7 +30,8 @@ from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
 from deploykit.serving.triton import check_triton_target, write_triton_repository
 from deploykit.verify import (FAILED, FP16_RTOL, INSTABILITY_FACTOR, PASSED, TorchReference, Verification,
-                              combined_verdict, compare, onnxrt_results, polygraphy_command, torch_reference)
+                              check_absolute_tolerance, combined_verdict, compare, onnxrt_results, polygraphy_command,
+                              torch_reference)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -113,6 +114,7 @@ def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
             shape = "x".join(map(str, feeds[0][INPUT_NAME].shape))
             raise DeployError(f"{arch or 'The model'} cannot take an input of shape {shape}: "
                               f"{str(err).strip().splitlines()[0].rstrip('.')}.") from err
+    check_absolute_tolerance(config.atol, reference)
 
     dims = "dynamic batch and size" if min_spatial else "dynamic batch" if dynamic_batch else "static batch"
     with stage(f"Exporting ONNX (opset {opset}, {dims})", timings, "export"):

@@ -46,6 +46,8 @@ import torch
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc, RunResults
 
+from deploykit.config import RTOL_RANGE
+from deploykit.errors import DeployError
 from deploykit.log import polygraphy_quiet
 from deploykit.memory import check_fits, memory_errors, out_of_memory
 
@@ -269,6 +271,20 @@ def torch_reference(model: torch.nn.Module, feeds: Sequence[Feed], output_names:
                                                                  f"computes in lower precision internally")
         probes = [run_torch(model, nudged(feeds, seed), output_names) for seed in range(PROBES)]
     return TorchReference(float32, float64, probes)
+
+
+def check_absolute_tolerance(atol: float | None, reference: TorchReference) -> None:
+    """Refuse, before the slow export, an --atol that cannot judge these outputs: per sample it becomes atol / the
+    sample's range, so it must lie within `RTOL_RANGE` times the outputs' largest magnitude."""
+    peak = max((float(np.abs(a).max(initial=0.0)) for outputs in reference.anchor for a in outputs.values()),
+               default=0.0)
+    low, high = RTOL_RANGE
+    if atol is None or peak == 0 or low * peak <= atol <= high * peak:
+        return
+    what = "more than a tenth" if atol > high * peak else "below float32's resolution"
+    raise DeployError(f"--atol {atol:g} is {what} of the outputs' largest magnitude ({peak:.3g}), so it cannot tell a "
+                      f"working export from a broken one; pass an --atol from {low * peak:.2g} to {high * peak:.2g}, "
+                      f"or an --rtol.")
 
 
 def onnxrt_results(session, feeds: Sequence[Feed]) -> RunResults:
