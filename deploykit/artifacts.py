@@ -7,7 +7,10 @@
     model.plan           the TensorRT engine, when one was asked for (``--engine``)
 
 Every file is first written under a temporary name and renamed into place only after all of them were
-written, so an error or an interrupt never leaves a half-written or inconsistent set.
+written, so an error or an interrupt never leaves a half-written or inconsistent set. Only files that the previous
+run wrote there (listed with their SHA-256 in its report.json, and unchanged since) are ever replaced or removed;
+a directory holding other files of these names is refused (`check_output_dir`) unless the user opts in
+(``--overwrite``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
 
 from deploykit.errors import DeployError
-from deploykit.fileio import output_directory, partial_name
+from deploykit.fileio import LOCK_FILE, check_writable_dir, output_directory, partial_name
 from deploykit.log import polygraphy_quiet
 
 MODEL_FILE = "model.onnx"
@@ -36,6 +39,7 @@ INPUTS_FILE = "inputs.json"
 TORCH_OUTPUTS_FILE = "torch_outputs.json"
 REPORT_FILE = "report.json"
 ENGINE_FILE = "model.plan"
+ARTIFACT_FILES = (MODEL_FILE, INPUTS_FILE, TORCH_OUTPUTS_FILE, REPORT_FILE, ENGINE_FILE)
 
 _VERSIONED_PACKAGES = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnx-graphsurgeon", "polygraphy",
                        "numpy")
@@ -54,8 +58,59 @@ def versions() -> dict[str, str]:
     return found
 
 
+def check_output_dir(directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Prove before any slow step that the artifacts can be written to `directory` without touching a file that
+    deploykit did not write there (`foreign_files`); with `overwrite`, such files may be replaced."""
+    directory = check_writable_dir(directory)
+    _refuse_foreign_files(directory, overwrite)
+    return directory
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """The files in `directory` that bear an artifact's name but are not the last run's artifacts: not listed with
+    their SHA-256 in its report.json, changed since, or not regular files (a user's file, or a symbolic link); and
+    a ``.deploykit.lock`` that is not an empty file."""
+    present = [name for name in ARTIFACT_FILES if (directory / name).exists() or (directory / name).is_symlink()]
+    owned = _last_run_files(directory) if present else set()
+    foreign = [name for name in present if name not in owned]
+    lock = directory / LOCK_FILE  # deploykit's lock file is empty (a killed run may leave it); the write removes it
+    if lock.is_symlink() or lock.exists() and not (lock.is_file() and lock.stat().st_size == 0):
+        foreign.append(LOCK_FILE)
+    return foreign
+
+
+def _last_run_files(directory: Path) -> set[str]:
+    """The names of the files the last run wrote to `directory` that are still as it wrote them."""
+    report_path = directory / REPORT_FILE
+    if report_path.is_symlink() or not report_path.is_file():
+        return set()
+    try:
+        listed = json.loads(report_path.read_text()).get("artifacts")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a JSON object: not deploykit's
+        return set()
+    if not isinstance(listed, dict):
+        return set()
+    owned = {REPORT_FILE}
+    for name, entry in listed.items():
+        path = directory / str(name)
+        if name in ARTIFACT_FILES and isinstance(entry, dict) and path.is_file() and not path.is_symlink() \
+                and _digest(path) == {"bytes": entry.get("bytes"), "sha256": entry.get("sha256")}:
+            owned.add(name)
+    return owned
+
+
+def _refuse_foreign_files(directory: Path, overwrite: bool) -> None:
+    foreign = [] if overwrite else foreign_files(directory)
+    if foreign:
+        them = "them" if len(foreign) > 1 else "it"
+        raise DeployError(f"Output directory {directory} already holds {', '.join(foreign)}, which the last deploykit "
+                          f"run there did not write (or which changed since); move {them} away, choose another "
+                          f"--output-dir, or pass --overwrite to replace {them}.")
+
+
 def write_artifacts(output_dir: Path, model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
-                    torch_outputs: RunResults, report: dict, engine: bytes | None = None) -> dict[str, Path]:
+                    torch_outputs: RunResults, report: dict, engine: bytes | None = None,
+                    overwrite: bool = False) -> dict[str, Path]:
     """Write the artifacts into `output_dir` atomically as a set; return their final paths.
 
     `output_dir` is created here (not before): if anything fails or the run is interrupted, the previous set (if
@@ -63,7 +118,8 @@ def write_artifacts(output_dir: Path, model: onnx.ModelProto, feeds: Sequence[di
     The write holds the directory's lock (`deploykit.fileio.output_directory`), so two runs writing the same
     directory end with one complete set, never a mix. The report records each file's size and SHA-256
     (``artifacts``), which proves which model.onnx etc. it belongs to. A ``model.plan`` of a previous run is removed
-    when this run has no engine."""
+    when this run has no engine. Files of these names that the previous run did not write are refused (checked
+    again under the lock), or replaced with `overwrite`."""
     writers: dict[str, Callable[[Path], None]] = {
         MODEL_FILE: lambda path: onnx.save_model(model, path),
         INPUTS_FILE: lambda path: save_json(list(feeds), str(path)),
@@ -73,6 +129,7 @@ def write_artifacts(output_dir: Path, model: onnx.ModelProto, feeds: Sequence[di
         writers[ENGINE_FILE] = lambda path: path.write_bytes(engine)
     writers[REPORT_FILE] = lambda path: path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     with output_directory(output_dir):
+        _refuse_foreign_files(output_dir, overwrite)
         _commit(output_dir, writers, report, stale=[] if engine is not None else [ENGINE_FILE])
     return {name: output_dir / name for name in writers}
 

@@ -22,6 +22,7 @@ that are not checkpoints are refused with one sentence.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -33,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploykit.errors import DeployError
-from deploykit.fileio import atomic_path
+from deploykit.errors import DeployError, first_line
+from deploykit.fileio import atomic_path, missing_reason
 
 FORMAT = "deploykit.checkpoint"
 FORMAT_VERSION = 1
@@ -80,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
     """
     path = Path(path)
     if not path.exists():
-        raise DeployError(f"Checkpoint {path} does not exist.")
+        raise DeployError(f"Checkpoint {path} {missing_reason(path)}.")
     if not path.is_file():
         kind = "a directory" if path.is_dir() else "a special file"
         raise DeployError(f"Checkpoint {path} is not a file but {kind}; pass the checkpoint file itself to --model.")
@@ -94,7 +95,10 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
         raise DeployError(f"Checkpoint {path} is empty (0 bytes); the download or save was interrupted, so fetch "
                           f"or save it again.")
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
-        return _checkpoint_from_object(path, _load_safetensors(path, size), source="safetensors")
+        tensors, metadata = _load_safetensors(path, size)
+        if metadata.get("format") == FORMAT:  # written by write_checkpoint: the arch and the rest are in its metadata
+            return _checkpoint_from_object(path, _deploykit_fields(path, metadata, tensors))
+        return _checkpoint_from_object(path, tensors, source="safetensors")
     if head.startswith(_GZIP_MAGIC):
         raise DeployError(f"{path} is gzip-compressed, not a PyTorch checkpoint; decompress it first (gunzip -k) "
                           f"and pass the result to --model.")
@@ -111,7 +115,7 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
             raise DeployError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module), and loading them would run code "
                 f"from the file; re-run with {TRUST_PICKLE_FLAG} only if you trust its source.") from None
-        raise DeployError(f"{path} is corrupt or truncated: it cannot be unpickled ({_first_line(err)}); fetch or "
+        raise DeployError(f"{path} is corrupt or truncated: it cannot be unpickled ({first_line(err)}); fetch or "
                           f"save it again.") from None
     except (ModuleNotFoundError, AttributeError) as err:
         if trust_pickle and _missing_class(err):
@@ -119,10 +123,10 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
                               f" its module must be importable: run from the folder that holds it or add that folder "
                               f"to PYTHONPATH (or save a state_dict and build the model with --arch file.py:factory)."
                               ) from None
-        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({_first_line(err)}); fetch or save "
+        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({first_line(err)}); fetch or save "
                           f"it again.") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({_first_line(err)}); fetch or save "
+        raise DeployError(f"{path} is corrupt or truncated: torch.load failed ({first_line(err)}); fetch or save "
                           f"it again.") from None
     return _checkpoint_from_object(path, obj)
 
@@ -133,6 +137,7 @@ def _checkpoint_from_object(path: Path, obj: Any, source: str = "torch") -> Chec
     if not isinstance(obj, Mapping):
         raise DeployError(f"{path} holds a {type(obj).__name__}, not a state_dict or a model.")
     if obj.get("format") == FORMAT:
+        _check_deploykit_fields(path, obj)
         metadata = {k: v for k, v in obj.items() if k not in ("state_dict", "arch", "arch_kwargs")}
         return _as_float32(Checkpoint(path, arch=obj["arch"], arch_kwargs=dict(obj.get("arch_kwargs") or {}),
                                       state_dict=dict(obj["state_dict"]), metadata=metadata))
@@ -153,16 +158,50 @@ def _checkpoint_from_object(path: Path, obj: Any, source: str = "torch") -> Chec
     return _without_training_parts(_with_openmmlab_layout(checkpoint))
 
 
+def _check_deploykit_fields(path: Path, obj: Mapping) -> None:
+    """A deploykit checkpoint's fields must be what `write_checkpoint` writes: a newer format, or a damaged or
+    hand-edited field, is refused rather than half understood."""
+    version = obj.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise DeployError(f"{path} is a deploykit checkpoint of format version {version!r}, which this deploykit "
+                          f"(format version {FORMAT_VERSION}) cannot read; "
+                          f"{'upgrade deploykit' if newer else 'save it again with write_checkpoint'}.")
+    shape = obj.get("input_shape")
+    problems = [
+        (not isinstance(obj.get("arch"), str) or not obj["arch"], f"its arch is {obj.get('arch')!r}, not a name"),
+        (not isinstance(obj.get("arch_kwargs") or {}, Mapping), "its arch_kwargs is not a dict"),
+        (not isinstance(obj.get("state_dict"), Mapping), "it has no state_dict"),
+        (shape is not None and not (isinstance(shape, (list, tuple)) and shape
+                                    and all(isinstance(d, int) and d >= 1 for d in shape)),
+         f"its input_shape {shape!r} is not a list of positive sizes"),
+    ]
+    for broken, what in problems:
+        if broken:
+            raise DeployError(f"{path} is a damaged deploykit checkpoint: {what}; save it again with "
+                              f"write_checkpoint (python -m models NAME -o FILE for a zoo model).")
+
+
+def weights_hint(checkpoint: Checkpoint, requested_arch: str | None) -> str:
+    """What to check when the weights do not fit the architecture, by where the architecture came from."""
+    if requested_arch is not None:
+        return "check --arch, or that the checkpoint is for this architecture"
+    if checkpoint.arch is not None:
+        return (f"the checkpoint's own arch field names {checkpoint.arch}, so it was saved with the wrong arch or "
+                f"is damaged; save it again")
+    return "the architecture was taken from the file name; pass the right one with --arch"
+
+
 def _looks_like_safetensors(head: bytes) -> bool:
     """A safetensors file starts with its header's length (8 bytes, little-endian) and the header's JSON."""
     return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2
 
 
-def _load_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
-    """A flat state_dict from a safetensors file (which holds only tensors and string metadata: loading it never
+def _load_safetensors(path: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A flat state_dict and the string metadata of a safetensors file (which holds nothing else: loading it never
     runs code)."""
     try:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
     except ImportError:
         raise DeployError(f"{path} is a safetensors file, which needs the safetensors package; install it "
@@ -176,15 +215,27 @@ def _load_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
         raise DeployError(f"{path} is not a valid safetensors file: its header is corrupt ({what}); fetch or save "
                           f"it again.")
     try:
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(path, device="cpu"), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
-        reason = _first_line(err)
+        reason = first_line(err)
         if "incomplete" in reason or "not fully covered" in reason:
             raise DeployError(f"{path} is not a valid safetensors file: it is truncated ({reason}); fetch or save it "
                               f"again.") from None
         part = "header" if "header" in reason.lower() or "json" in reason.lower() else "content"
         raise DeployError(f"{path} is not a valid safetensors file: its {part} is corrupt ({reason}); fetch or save "
                           f"it again.") from None
+
+
+def _deploykit_fields(path: Path, metadata: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> dict:
+    """The deploykit checkpoint dict of a safetensors file `write_checkpoint` wrote (its fields JSON-encoded)."""
+    try:
+        fields = {key: json.loads(value) for key, value in metadata.items() if key != "format"}
+    except ValueError as err:
+        raise DeployError(f"{path} is a damaged deploykit checkpoint: its metadata is not JSON ({first_line(err)}); "
+                          f"save it again.") from None
+    return {**fields, "format": FORMAT, "state_dict": tensors}
 
 
 def _check_torch_zip(path: Path) -> None:
@@ -288,15 +339,22 @@ def _without_training_parts(checkpoint: Checkpoint) -> Checkpoint:
 
 def write_checkpoint(path: str | os.PathLike, arch: str, state_dict: Mapping[str, torch.Tensor],
                      arch_kwargs: Mapping[str, Any] | None = None, **metadata: Any) -> Path:
-    """Write deploykit's checkpoint format atomically; the result loads with ``weights_only=True``."""
+    """Write deploykit's checkpoint format atomically; the result loads with ``weights_only=True``. A
+    ``.safetensors`` path gets a real safetensors file, the fields (arch, arch_kwargs, ...) JSON-encoded in its
+    metadata, so that `load_checkpoint` finds the architecture in it."""
     from deploykit import __version__
 
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
-               "arch_kwargs": dict(arch_kwargs or {}), "state_dict": dict(state_dict),
-               "created_by": f"deploykit {__version__}", "torch_version": str(torch.__version__), **metadata}
+    fields = {"format_version": FORMAT_VERSION, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}),
+              "created_by": f"deploykit {__version__}", "torch_version": str(torch.__version__), **metadata}
     path = Path(path)
     with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            tensors = {key: value.detach().clone().contiguous() for key, value in state_dict.items()}  # unshared
+            save_file(tensors, temporary, metadata={"format": FORMAT, **{k: json.dumps(v) for k, v in fields.items()}})
+        else:
+            torch.save({"format": FORMAT, **fields, "state_dict": dict(state_dict)}, temporary)
     return path
 
 
@@ -308,8 +366,3 @@ def _missing_class(err: BaseException) -> str | None:
     if isinstance(err, AttributeError) and "Can't get attribute" in text:
         return text.split("Can't get attribute", 1)[1].strip().rstrip(">").replace(" on <module", " in module")
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0].rstrip(".") if text else type(err).__name__

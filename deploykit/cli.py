@@ -7,6 +7,8 @@ Exit status: 0 verified, 1 the deployed model does not match PyTorch, 2 bad inpu
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import signal
 import sys
 import traceback
@@ -135,26 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the Triton repository even if the verification failed or was inconclusive")
     parser.add_argument("-o", "--output-dir", metavar="DIR",
                         help="artifact directory (default: deploykit-out/<arch>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files in the artifact directory that bear the artifacts' names although "
+                             "deploykit did not write them (default: refuse such a directory)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug detail and tracebacks")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
-        model=args.model, arch=args.arch, output_dir=args.output_dir,
+        model=args.model, arch=args.arch, output_dir=args.output_dir, overwrite=args.overwrite,
         input_shape=args.input_shape[0] if args.input_shape and len(args.input_shape) == 1 else args.input_shape,
         output_names=args.output_names, out_indices=args.out_indices,
         dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial, opset=args.opset,
         lowering=args.lowering, inputs=args.inputs, images=args.images, mean=args.mean, std=args.std,
         seed=args.seed, rtol=args.rtol, atol=args.atol,
-        providers=args.providers.split(",") if args.providers else None, threads=args.threads,
+        providers=args.providers.split(",") if args.providers is not None else None, threads=args.threads,
         trust_pickle=args.trust_pickle, engine=args.engine, fp16=args.fp16, plugins=args.plugins,
         max_batch=args.max_batch, min_shape=args.min_shape, max_shape=args.max_shape, triton_repo=args.triton_repo,
         triton_name=args.triton_name, triton_instance=args.triton_instance, force=args.force, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_attach_negative_values(parser, sys.argv[1:] if argv is None else argv))
     log.configure(args.verbose)
     previous = _raise_on_sigterm()
     result = None
@@ -162,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         from deploykit.pipeline import export_model  # heavy imports after --help
 
         result = export_model(config_from_args(args))
-        log.LOGGER.info("reproduce: cd %s && %s", result.output_dir, result.report["reproduce"])
+        directory = shlex.quote(str(result.output_dir))  # pasted into a shell: spaces, quotes, accents
+        log.LOGGER.info("reproduce: cd %s && %s", directory, result.report["reproduce"])
         if "tensorrt" in result.report:
-            log.LOGGER.info("reproduce TensorRT: cd %s && %s", result.output_dir,
-                            result.report["tensorrt"]["reproduce"])
+            log.LOGGER.info("reproduce TensorRT: cd %s && %s", directory, result.report["tensorrt"]["reproduce"])
         return EXIT_STATUS[result.verdict]
     except DeployError as err:
         if args.verbose:
@@ -183,6 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--input-shape -1x3x8x8`` as ``--input-shape=-1x3x8x8``: argparse takes a value that starts with '-' and is
+    not a plain number for an option and says "expected one argument"; attached, the value reaches its own check
+    and its own sentence."""
+    takes_value = {option for action in parser._actions if action.nargs is None and action.option_strings
+                   for option in action.option_strings}
+    attached: list[str] = []
+    for token in argv:
+        if attached and attached[-1] in takes_value and re.match(r"-[\d.]", token):
+            attached[-1] = f"{attached[-1]}={token}"
+        else:
+            attached.append(token)
+    return attached
 
 
 def _raise_on_sigterm():

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from deploykit.errors import DeployError
+
+MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+MAX_BATCH = 2 ** 31 - 1  # Triton's max_batch_size and TensorRT's profile dimensions are int32
+# The tolerance is relative to each output's range: below float32's resolution no float32 runtime can meet it, and
+# at a tenth of the range a broken export passes as easily as a working one.
+RTOL_RANGE = (float(np.finfo(np.float32).eps), 0.1)
 
 
 @dataclass
@@ -24,6 +32,9 @@ class ExportConfig:
             (``scnet50-dc6a7e87.pth`` -> ``scnet50``) when that names a zoo model.
         output_dir: where the artifacts go. Defaults to ``deploykit-out/<name>``: the arch, the factory's name, or
             the class of a module given as is.
+        overwrite: replace files in `output_dir` that bear the artifacts' names (model.onnx, inputs.json,
+            torch_outputs.json, report.json, model.plan) although the last deploykit run there did not write them.
+            Defaults to False: such a directory is refused, so a user's own files are never lost.
         input_shape: full input shape including the batch, e.g. (1, 3, 224, 224); a list of them for a model with
             several inputs (in the forward's argument order, all with the same batch). Defaults to batch 1 at the
             zoo model's native resolution.
@@ -65,11 +76,15 @@ class ExportConfig:
         triton_instance: where Triton's onnxruntime backend runs the model, "cpu" or "gpu". Defaults to "cpu".
         force: write the Triton repository even when the verdict is "failed" or "inconclusive". Defaults to False.
         verbose: debug logging and the exporter's own diagnostics.
+        progress: log each stage on stderr as the CLI does, unless the application configured logging itself (the
+            ``deploykit`` logger or the root logger; then its configuration decides). Defaults to True; False
+            keeps a Python caller's run silent.
     """
 
     model: str | os.PathLike | nn.Module | None
     arch: str | None = None
     output_dir: str | os.PathLike | None = None
+    overwrite: bool = False
     input_shape: tuple[int, ...] | list[tuple[int, ...]] | None = None
     output_names: list[str] | None = None
     out_indices: tuple[int, ...] | None = None
@@ -98,6 +113,7 @@ class ExportConfig:
     triton_instance: str | None = None
     force: bool = False
     verbose: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.model is None and not (self.arch and ":" in self.arch):
@@ -116,10 +132,13 @@ class ExportConfig:
             self.output_names = [str(name) for name in self.output_names]
             if not self.output_names or not all(self.output_names):
                 raise DeployError("--output-names needs one non-empty name per output, e.g. logits,embedding.")
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise DeployError(f"{name} must be a non-negative number, got {value}.")
+        _check_tolerances(self.rtol, self.atol)
+        if self.seed is not None:
+            check_seed(self.seed)
+        if self.providers is not None and (not self.providers or not all(p.strip() for p in self.providers)):
+            raise DeployError(f"--providers {','.join(self.providers)!r} names an empty provider; pass names such as "
+                              f"cpu or cuda,cpu, or leave the option out for the best available.")
+        _check_statistics(self.mean, self.std)
         if self.inputs is not None:
             self.inputs = Path(self.inputs)
         if isinstance(self.images, (str, os.PathLike)):
@@ -147,8 +166,9 @@ class ExportConfig:
                 self.triton_repo is None:
             raise DeployError("--triton-name, --triton-instance and --force configure the Triton repository; name "
                               "it with --triton-repo.")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise DeployError(f"max_batch must be at least 1, got {self.max_batch}.")
+        if self.max_batch is not None and not 1 <= self.max_batch <= MAX_BATCH:
+            raise DeployError(f"max_batch must be from 1 to {MAX_BATCH} (Triton's and TensorRT's 32-bit limit), got "
+                              f"{self.max_batch}.")
         if self.opset is not None:
             from deploykit.export.onnx import SUPPORTED_OPSETS
 
@@ -210,3 +230,30 @@ def parse_ints(text: str) -> tuple[int, ...]:
         return tuple(int(p) for p in text.split(","))
     except ValueError:
         raise DeployError(f"{text!r} is not a comma-separated list of integers such as 0,1,2,3.") from None
+
+
+def check_seed(seed: int) -> None:
+    """A seed torch's generators take (a larger one would end in an overflow traceback)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DeployError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed}.")
+
+
+def _check_tolerances(rtol: float | None, atol: float | None) -> None:
+    """Tolerances that can tell a working export from a broken one: finite, rtol within `RTOL_RANGE`, atol > 0."""
+    low, high = RTOL_RANGE
+    if rtol is not None and not (isinstance(rtol, (int, float)) and low <= rtol <= high):
+        raise DeployError(f"--rtol must be a number from {low:.2g} (float32's resolution) to {high:g} (a tenth of "
+                          f"the output's range), got {rtol}.")
+    if atol is not None and not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol > 0):
+        raise DeployError(f"--atol must be a positive finite number, got {atol}.")
+
+
+def _check_statistics(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    """--mean and --std apply to pixels in [0, 1]: values on the 0-255 scale (123.7, 58.4) are refused, not
+    silently used."""
+    for name, values, interval, above_floor in (("--mean", mean, "[0, 1]", lambda v: v >= 0),
+                                                ("--std", std, "(0, 1]", lambda v: v > 0)):
+        if values is not None and not all(above_floor(v) and v <= 1 for v in values):
+            scale = " (on the 0-255 scale: divide by 255)" if any(v > 1 for v in values) else ""
+            raise DeployError(f"{name} values must be in {interval} like the pixels they apply to, got "
+                              f"{','.join(map(str, values))}{scale}.")

@@ -14,3 +14,10 @@ class DeployError(Exception):
 
 class VerificationFailed(DeployError):
     """The deployed model ran but does not match PyTorch within tolerance (CLI exit status 1)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of `err`'s message without its full stop (its type name if it has none), to quote inside
+    a one-sentence `DeployError`."""
+    text = str(err).strip().splitlines()
+    return text[0].rstrip(".") if text else type(err).__name__

@@ -35,6 +35,22 @@ def partial_name(name: str) -> str:
     return f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
 
 
+def missing_reason(path: str | os.PathLike) -> str:
+    """Why `path` is not a file that can be opened, as the completion of "<path> ...": "does not exist", "is a
+    symbolic link loop", "is a symbolic link to X, which does not exist", "is a directory", ..."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop" if os.path.islink(path) else "lies under a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if err.errno == errno.EACCES:
+            return "cannot be reached (permission denied)"
+        return "does not exist"
+    return "is a directory" if os.path.isdir(path) else "is not a regular file"
+
+
 def nearest_existing(path: Path) -> Path:
     """`path`, or its closest ancestor that exists: where creating it would start."""
     return next((p for p in (path, *path.parents) if p.exists()), Path("."))

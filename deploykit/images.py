@@ -13,10 +13,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deploykit.errors import DeployError
+from deploykit.errors import DeployError, first_line
+from deploykit.fileio import missing_reason
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,8 +68,20 @@ def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise DeployError(f"--images: {path} does not exist.")
+            raise DeployError(f"--images: {path} {missing_reason(path)}.")
     return files
+
+
+def image_batches(files: Sequence[Path], shapes: Sequence[Sequence[int]]) -> list[list[Path]]:
+    """Which images make each verification batch (one per shape). With two shapes and three or more images:
+    batches of 1 and N-1, every image once; with fewer: every image at both shapes, and when the two shapes differ
+    only in the batch, the first image once more in the second batch, so the second batch size is checked too."""
+    if len(shapes) == 1:
+        return [list(files)]
+    if len(files) >= 3:
+        return [list(files[:1]), list(files[1:])]
+    resized = tuple(shapes[1][2:]) != tuple(shapes[0][2:])
+    return [list(files), list(files) if resized else [*files, files[0]]]
 
 
 def load_images(paths: Sequence[str | os.PathLike], shape: Sequence[int], preprocessing: Preprocessing = IMAGENET
@@ -89,8 +106,8 @@ def _image(path: Path, channels: int, height: int, width: int, preprocessing: Pr
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            image, full_scale = _unit_mode(opened, path, channels)
             scale = max(height / image.height, width / image.width) / preprocessing.crop_fraction
             if preprocessing.crop_fraction == 1.0:
                 resized = image.resize((width, height), Image.Resampling.BILINEAR)
@@ -98,11 +115,35 @@ def _image(path: Path, channels: int, height: int, width: int, preprocessing: Pr
                 size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
                 resized = image.resize(size, Image.Resampling.BILINEAR)
             left, top = (resized.width - width) // 2, (resized.height - height) // 2
-            pixels = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        reason = str(err).split(" (", 1)[0].rstrip(".") if str(err) else type(err).__name__
-        raise DeployError(f"--images: {path} is not a readable image ({reason}).") from None
+            pixels = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32) / full_scale
+    except Image.DecompressionBombError as err:
+        raise DeployError(f"--images: {path} is too large to read safely ({first_line(err)}); downscale it "
+                          f"first.") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DeployError(f"--images: {path} is not a readable image ({first_line(err)}).") from None
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    if pixels.shape[2] != channels:  # a 16-bit or floating-point grey image for a colour model
+        pixels = np.repeat(pixels, channels, axis=2)
     if preprocessing.channel_order == "BGR":
         pixels = pixels[:, :, ::-1]
     return pixels.transpose(2, 0, 1)
+
+
+def _unit_mode(image, path: Path, channels: int) -> tuple[Image.Image, float]:
+    """`image` in a mode that resizes exactly, and the value that maps its pixels to [0, 1]: 8-bit images (every
+    palette, grey, alpha, CMYK, YCbCr... mode, alpha dropped as torchvision does) as "L" or "RGB" over 255; 16-bit
+    and 32-bit integer grey images (converting them to 8 bits would clip them to white) and floating-point ones
+    as "F" over 65535 or 1."""
+    from PIL import Image
+
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image.convert("L" if channels == 1 else "RGB"), 255.0
+    full_scale = 1.0 if image.mode == "F" else 65535.0
+    values = np.asarray(image, dtype=np.float32)  # through NumPy: Pillow cannot convert every 16-bit layout itself
+    low, high = float(values.min()), float(values.max())
+    if not (0 <= low and high <= full_scale):
+        kind = "floating-point" if image.mode == "F" else "integer"
+        raise DeployError(f"--images: {path} holds {kind} pixels from {low:g} to {high:g}, outside the [0, "
+                          f"{full_scale:g}] of a {'float' if image.mode == 'F' else '16-bit'} image, so their "
+                          f"brightness is unknown; save it as an 8- or 16-bit image.")
+    return Image.fromarray(values), full_scale  # float32 -> mode "F"

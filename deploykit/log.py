@@ -20,13 +20,36 @@ _NOISY_LOGGERS = ("torch.onnx", "torch._export", "torch.export", "torch._dynamo"
 
 def configure(verbose: bool = False) -> None:
     """Send deploykit's log to stderr; `verbose` shows debug detail and third-party export chatter."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    LOGGER.handlers[:] = [handler]
+    LOGGER.handlers[:] = [_stderr_handler()]
     LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
     LOGGER.propagate = False
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+
+
+@contextlib.contextmanager
+def progress(enabled: bool = True, verbose: bool = False) -> Iterator[None]:
+    """Log the stages on stderr during the block, as the CLI does, for Python callers who configured no logging:
+    an application that configured the ``deploykit`` logger or the root logger keeps its own configuration, and
+    nothing stays behind after the block (no handler added twice, however often it runs)."""
+    configured = LOGGER.handlers or LOGGER.level != logging.NOTSET or logging.getLogger().handlers
+    if not enabled or configured:
+        yield
+        return
+    handler = _stderr_handler()
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        yield
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(logging.NOTSET)
+
+
+def _stderr_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
 
 
 @contextlib.contextmanager

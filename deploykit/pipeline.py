@@ -15,18 +15,18 @@ import torch
 from torch import nn
 
 from deploykit import artifacts
-from deploykit.checkpoint import Checkpoint, check_weights, load_checkpoint
+from deploykit.checkpoint import Checkpoint, check_weights, load_checkpoint, weights_hint
 from deploykit.config import ExportConfig
 from deploykit.conversion import Conversion, convert
 from deploykit.errors import DeployError, VerificationFailed
 from deploykit.export.onnx import DEFAULT_OPSET, check_exported_dims, onnx_from_model
 from deploykit.export.passes import run_passes
-from deploykit.fileio import check_writable_dir
-from deploykit.images import IMAGENET, image_files, load_images
-from deploykit.inputs import structured_noise
+from deploykit.fileio import missing_reason
+from deploykit.images import IMAGENET, image_batches, image_files, load_images
+from deploykit.inputs import batch_sizes, checked_input, structured_noise
 from deploykit.localize import first_divergence
-from deploykit.log import LOGGER, stage
-from deploykit.models import MODELS, build_model, check_dynamic_spatial, model_spec
+from deploykit.log import LOGGER, progress, stage
+from deploykit.models import MODELS, arch_from_file_name, build_model, check_dynamic_spatial, model_spec
 from deploykit.nn import OffsetInputDeformConv2d
 from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
@@ -34,7 +34,8 @@ from deploykit.serving.triton import check_triton_target, write_triton_repositor
 from deploykit.signature import flatten_outputs, input_names, output_template, resolve_output_names
 from deploykit.user_code import build_user_model, factory_name, is_factory
 from deploykit.verify import (FAILED, FP16_RTOL, INSTABILITY_FACTOR, PASSED, TorchReference, Verification,
-                              combined_verdict, compare, onnxrt_results, polygraphy_command, torch_reference)
+                              check_absolute_tolerance, combined_verdict, compare, onnxrt_results, polygraphy_command,
+                              torch_reference)
 
 
 
@@ -67,6 +68,11 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
         DeployError: a problem with the input (bad checkpoint, unknown arch, shape, unwritable directory, ...);
             nothing is written then.
     """
+    with progress(config.progress, config.verbose):
+        return _export(config, raise_on_mismatch)
+
+
+def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     trt_version, plugin_library = None, None
@@ -106,13 +112,15 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     shapes = _verification_shapes(input_shapes, dynamic_batch, min_spatial, arch is not None)
     names = input_names(original, len(input_shapes))
     feeds = _make_feeds(config, arch, names, shapes)
+    sources = _input_sources(config, feeds, shapes)
     # Checked now, created only when the artifacts are written: a run that fails before leaves no directory.
-    output_dir = check_writable_dir(config.output_dir or Path("deploykit-out") / name)
+    output_dir = artifacts.check_output_dir(config.output_dir or Path("deploykit-out") / name, config.overwrite)
 
     with stage("Running PyTorch (float32, and float64 as the reference)", timings, "torch_run"):
         reference_model, reference_note = _reference_model(original, model, feeds[0], conversion)
         outputs = _output_signature(reference_model, feeds[0], name, config.output_names, names)
         reference = _torch_reference(reference_model, feeds, outputs.names, name)
+    check_absolute_tolerance(config.atol, reference)
 
     dims = "dynamic batch and size" if min_spatial else "dynamic batch" if dynamic_batch else "static batch"
     with stage(f"Exporting ONNX (opset {opset}, {dims})", timings, "export"):
@@ -138,7 +146,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
 
     report = {
         "versions": artifacts.versions(),
-        "config": _config_summary(config, arch, input_shapes, dynamic_batch, opset),
+        "config": _config_summary(config, arch, input_shapes, dynamic_batch, opset, output_dir),
         "model": {"arch": arch, "name": name, "factory": factory,
                   "class": f"{type(model).__module__}.{type(model).__qualname__}",
                   "checkpoint": str(checkpoint.path) if checkpoint is not None else None,
@@ -155,6 +163,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
         "conversion": {**conversion.as_dict(), "reference": "converted" if reference_note else "original",
                        "reference_note": reference_note} if conversion is not None else None,
         "verification": verification.as_dict(),
+        "input_sources": sources,
         "reproduce": polygraphy_command(artifacts.MODEL_FILE, artifacts.INPUTS_FILE,
                                         artifacts.TORCH_OUTPUTS_FILE, verification),
         "verdict": verification.verdict,
@@ -168,7 +177,7 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     verdict = combined_verdict([check.verdict for check in checks.values()])
     report["verdict"] = verdict
     for runtime, check in checks.items():
-        _log_verdict(runtime, check)
+        _log_verdict(runtime, check, sources if config.inputs or config.images else None)
     if config.triton_repo is not None:
         report["triton"] = _triton_repository(config, name, verdict, onnx_model, dynamic_batch,
                                               dict(zip(names, input_shapes)), engine, report.get("tensorrt"),
@@ -176,7 +185,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
 
     with stage(f"Writing artifacts to {output_dir}", timings, "write"):
         timings["total"] = round(time.perf_counter() - started, 4)
-        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference.saved_results(), report, engine)
+        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference.saved_results(), report, engine,
+                                          overwrite=config.overwrite)
     result = ExportResult(verdict, output_dir, files, report)
     if raise_on_mismatch and verdict == FAILED:
         failed = ", ".join(runtime for runtime, check in checks.items() if check.verdict == FAILED)
@@ -215,18 +225,20 @@ def _triton_repository(config: ExportConfig, model_name: str, verdict: str, onnx
     return {**section, "written": True, "models": models, "forced": verdict != PASSED}
 
 
-def _log_verdict(runtime: str, check: Verification) -> None:
-    """One line per check: the verdict, the worst sample against its bound, and why when inconclusive."""
+def _log_verdict(runtime: str, check: Verification, sources: list[list[str]] | None) -> None:
+    """One line per check: the verdict, the worst sample (and the user's file it came from) against its bound, and
+    why when inconclusive."""
     worst = check.worst
     pytorch = f", PyTorch float32 {worst.e_ref:.2g}" if worst.e_ref is not None else ""
     counts = ", ".join(f"{n} {status}" for status, n in check.counts.items() if n)
-    LOGGER.info("%s: %s vs PyTorch %s, %s samples; worst: output %r sample %d of batch %d at %.2g of its range "
+    source = f" ({sources[worst.iteration][worst.sample]})" if sources else ""
+    LOGGER.info("%s: %s vs PyTorch %s, %s samples; worst: output %r sample %d of batch %d%s at %.2g of its range "
                 "(bound %.2g%s)", check.verdict.upper(), runtime, check.reference, counts, worst.output, worst.sample,
-                worst.iteration, worst.e_dep, worst.bound, pytorch)
+                worst.iteration, source, worst.e_dep, worst.bound, pytorch)
     if check.verdict == "inconclusive":
-        LOGGER.info("  every input is unstable for this network in float32 (PyTorch's own float32 output is more "
-                    "than %g tolerances from float64), so no float32 runtime can be checked on it: verify on other "
-                    "inputs (--images, --inputs, --seed)", INSTABILITY_FACTOR)
+        LOGGER.info("  every input is unstable for this network in float32 at this tolerance (PyTorch's own float32 "
+                    "output is more than %g tolerances from float64), so no float32 runtime can be checked on it: "
+                    "verify on other inputs (--images, --inputs, --seed) or loosen --rtol/--atol", INSTABILITY_FACTOR)
     failed = list(dict.fromkeys(s.output for s in check.samples if s.status == FAILED))
     if len({s.output for s in check.samples}) > 1 and failed:
         LOGGER.info("  failed outputs: %s", ", ".join(failed))
@@ -304,7 +316,8 @@ def _build(config: ExportConfig, arch: str | None, checkpoint: Checkpoint | None
     if checkpoint.module is not None:
         return checkpoint.module.eval()
     levels = {"out_indices": config.out_indices} if config.out_indices is not None else {}
-    return build_model(arch, {**checkpoint.arch_kwargs, **levels}, checkpoint.state_dict)
+    return build_model(arch, {**checkpoint.arch_kwargs, **levels}, checkpoint.state_dict,
+                       hint=weights_hint(checkpoint, config.arch))
 
 
 def _convert(model: nn.Module) -> Conversion:
@@ -359,8 +372,8 @@ def _resolve_arch(checkpoint: Checkpoint, requested: str | None) -> str | None:
         return requested
     if checkpoint.arch is not None or checkpoint.module is not None:
         return checkpoint.arch
-    guess = re.sub(r"-[0-9a-f]{6,}$", "", checkpoint.path.stem)  # official names: scnet50-dc6a7e87.pth
-    if guess in MODELS:
+    guess = arch_from_file_name(checkpoint.path)
+    if guess is not None:
         LOGGER.info("  architecture %s taken from the file name (pass --arch to override)", guess)
         return guess
     raise DeployError(f"{checkpoint.path} is a bare state_dict that names no architecture; pass --arch: a zoo "
@@ -435,39 +448,49 @@ def _make_feeds(config: ExportConfig, arch: str | None, names: list[str],
         arrays = _load_npz_inputs(config.inputs, names)
         for name, expected in zip(names, shapes[0]):
             _check_npz_shape(config, name, arrays[name], expected, dynamic_batch=len(shapes) > 1)
-        return [arrays]
+        if config.dynamic_spatial:
+            LOGGER.info("  --inputs has one size: the dynamic height and width are verified at that size only")
+        batches = {name: batch_sizes(array, dynamic_batch=len(shapes) > 1) for name, array in arrays.items()}
+        return [{name: batches[name][index] for name in names} for index in range(len(batches[names[0]]))]
     if config.images is not None:
         if len(names) > 1:
             raise DeployError(f"--images verifies models with one image input; this one takes {len(names)} "
                               f"({', '.join(names)}), so pass them as an .npz with --inputs.")
-        return [{names[0]: batch} for batch in _image_batches(config, arch, [s[0] for s in shapes])]
+        return _image_feeds(config, arch, names[0], [s[0] for s in shapes])
     generator = torch.Generator().manual_seed(0 if config.seed is None else config.seed)
     return [{name: (structured_noise(shape[0], shape[1:], generator) if len(shape) == 4
                     else torch.randn(shape, generator=generator)).numpy()
              for name, shape in zip(names, feed_shapes)} for feed_shapes in shapes]
 
 
-def _image_batches(config: ExportConfig, arch: str | None, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """The user's images, preprocessed as the model expects. With two verification shapes and three or more images:
-    batches of 1 and N-1 (every image once, the second batch at the second shape's size); with fewer images and a
-    second size, every image at both sizes."""
+def _image_feeds(config: ExportConfig, arch: str | None, name: str,
+                 shapes: list[tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
+    """The user's images, preprocessed as the model expects, in the batches of `image_batches`."""
     if len(shapes[0]) != 4:
         raise DeployError(f"--images needs an image input (N, C, H, W); the model's input shape is "
                           f"{'x'.join(map(str, shapes[0]))}.")
     preprocessing = (model_spec(arch).preprocessing if arch is not None else IMAGENET).with_statistics(config.mean,
                                                                                                       config.std)
     files = image_files(config.images)
-    with stage(f"Reading {len(files)} image(s) ({preprocessing})"):
-        first = load_images(files, shapes[0][1:], preprocessing)
-        resized = len(shapes) == 2 and shapes[1][2:] != shapes[0][2:]
-        second = load_images(files if len(files) < 3 else files[1:], shapes[1][1:], preprocessing) if resized else None
-    if len(shapes) == 1 and len(first) != shapes[0][0]:
-        raise DeployError(f"--static-batch exports batch {shapes[0][0]} but --images gave {len(first)} image(s); "
-                          f"pass --input-shape {len(first)}x{'x'.join(map(str, shapes[0][1:]))} or drop "
+    if len(shapes) == 1 and len(files) != shapes[0][0]:
+        raise DeployError(f"--static-batch exports batch {shapes[0][0]} but --images gave {len(files)} image(s); "
+                          f"pass --input-shape {len(files)}x{'x'.join(map(str, shapes[0][1:]))} or drop "
                           f"--static-batch.")
-    if len(shapes) == 2 and len(first) >= 3:
-        return [first[:1], second if resized else first[1:]]
-    return [first] + ([second] if resized else [])
+    with stage(f"Reading {len(files)} image(s) ({preprocessing})"):
+        batches = image_batches(files, shapes)
+        for index, batch in enumerate(batches):
+            LOGGER.info("  batch %d: %s", index, ", ".join(map(str, batch)))
+        return [{name: load_images(batch, shape[1:], preprocessing)} for batch, shape in zip(batches, shapes)]
+
+
+def _input_sources(config: ExportConfig, feeds: list[dict[str, np.ndarray]], shapes) -> list[list[str]]:
+    """Where each sample of each verification batch came from, for the report and the verdict line."""
+    if config.images is not None:
+        first_input = [feed_shapes[0] for feed_shapes in shapes]
+        return [[str(path) for path in batch] for batch in image_batches(image_files(config.images), first_input)]
+    origin = f"{config.inputs} sample" if config.inputs is not None else f"structured noise (seed {config.seed or 0})"
+    given = len(next(iter(feeds[0].values())))  # a second batch repeats the user's first sample
+    return [[f"{origin} {row % given}" for row in range(len(next(iter(feed.values()))))] for feed in feeds]
 
 
 def _load_npz_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -475,7 +498,7 @@ def _load_npz_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     ``arr_1`` ...) in the inputs' order; a one-input model takes the file's only array whatever its name."""
     example = f"numpy.savez(path, {', '.join(f'{n}=...' for n in names)})"
     if not path.is_file():
-        raise DeployError(f"--inputs {path} {'is not a file' if path.exists() else 'does not exist'}; pass an .npz "
+        raise DeployError(f"--inputs {path} {'is not a file' if path.exists() else missing_reason(path)}; pass an .npz "
                           f"file saved with {example}.")
     try:
         with open(path, "rb") as handle:
@@ -513,7 +536,8 @@ def _load_npz_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
         if bad:
             raise DeployError(f"The input {name!r} in --inputs {path} has {bad} NaN or infinite value(s); save finite "
                               f"numbers.")
-    return {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in chosen.items()}
+    return {name: checked_input(array, f"--inputs {path}" if len(names) == 1 else f"--inputs {path} ({name!r})")
+            for name, array in chosen.items()}
 
 
 def _check_npz_shape(config: ExportConfig, name: str, array: np.ndarray, expected: tuple[int, ...],
@@ -570,12 +594,13 @@ def _run_or_explain(run, feed: dict[str, np.ndarray], name: str):
 
 
 def _config_summary(config: ExportConfig, arch: str | None, input_shapes: list[tuple[int, ...]],
-                    dynamic_batch: bool, opset: int) -> dict:
+                    dynamic_batch: bool, opset: int, output_dir: Path) -> dict:
     summary = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "model"}
     summary.update(model=str(config.model) if not isinstance(config.model, nn.Module) else type(config.model).__name__,
                    arch=arch, input_shape=_shapes_summary(input_shapes), dynamic_batch=dynamic_batch, opset=opset,
                    lowering=config.lowering or "auto",
-                   output_dir=str(config.output_dir) if config.output_dir else None,
+                   output_dir=str(output_dir),
+                   seed=(config.seed or 0) if config.inputs is None and config.images is None else None,
                    inputs=str(config.inputs) if config.inputs else None,
                    images=[str(p) for p in config.images] if config.images else None)
     return summary

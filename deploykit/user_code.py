@@ -131,7 +131,8 @@ def _load_strictly(model: nn.Module, checkpoint: Checkpoint, arch: str) -> None:
     candidates = [checkpoint.as_saved or checkpoint.state_dict, checkpoint.state_dict]
     chosen = next((c for c in candidates if set(upgrade_state_dict(model, c)) == expected), candidates[0])
     state_dict = upgrade_state_dict(model, chosen)
-    check_state_dict(factory_name(arch) + "()'s model", model, state_dict)
+    check_state_dict(factory_name(arch) + "()'s model", model, state_dict,
+                     hint=f"check that the checkpoint is for the model {factory_name(arch)}() builds")
     model.load_state_dict(state_dict, strict=True)
 
 

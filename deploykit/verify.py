@@ -47,7 +47,10 @@ import torch
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc, RunResults
 
+from deploykit.config import RTOL_RANGE
+from deploykit.errors import DeployError
 from deploykit.log import polygraphy_quiet
+from deploykit.memory import check_fits, memory_errors, out_of_memory
 from deploykit.signature import flatten_outputs
 
 DEFAULT_RTOL = 1e-4
@@ -259,26 +262,50 @@ def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def torch_reference(model: torch.nn.Module, feeds: Sequence[Feed], output_names: Sequence[str]) -> TorchReference:
     """Run `model` in float32, in float32 on `PROBES` ulp-nudged inputs, and (a deep copy) in float64. Errors of the
-    float32 run propagate (they mean the model cannot take the input); a model that cannot run in float64 falls
-    back to the float32 reference."""
-    float32 = run_torch(model, feeds, output_names)
-    try:
-        float64 = run_torch(float64_copy(model), feeds, output_names, torch.float64)
-    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return TorchReference(float32, None, fallback_reason=f"the model cannot run in float64 ({reason.rstrip('.')})")
-    computed_in = {str(a.dtype) for it in float64 for a in it.values() if np.issubdtype(a.dtype, np.floating)}
-    if computed_in != {"float64"}:
-        return TorchReference(float32, None, fallback_reason=f"the model's float64 copy returns "
-                                                             f"{', '.join(sorted(computed_in))} outputs, so it "
-                                                             f"computes in lower precision internally")
-    probes = [run_torch(model, nudged(feeds, seed), output_names) for seed in range(PROBES)]
+    float32 run propagate (they mean the model cannot take the input), except running out of memory, which is
+    said as such (`deploykit.memory`); a model that cannot run in float64 falls back to the float32 reference."""
+    shape = "x".join(map(str, next(iter(feeds[0].values())).shape))
+    what = f"Running the model in PyTorch on inputs of shape {shape}"
+    # A lower bound of what the run holds at once: the inputs in float32 and float64, and the float64 copy's weights.
+    check_fits(sum(a.size for feed in feeds for a in feed.values()) * (4 + 8)
+               + sum(p.numel() for p in model.parameters()) * 8, what)
+    with memory_errors(what):
+        float32 = run_torch(model, feeds, output_names)
+        try:
+            float64 = run_torch(float64_copy(model), feeds, output_names, torch.float64)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+            if out_of_memory(err, what) is not None:
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return TorchReference(float32, None,
+                                  fallback_reason=f"the model cannot run in float64 ({reason.rstrip('.')})")
+        computed_in = {str(a.dtype) for it in float64 for a in it.values() if np.issubdtype(a.dtype, np.floating)}
+        if computed_in != {"float64"}:
+            return TorchReference(float32, None, fallback_reason=f"the model's float64 copy returns "
+                                                                 f"{', '.join(sorted(computed_in))} outputs, so it "
+                                                                 f"computes in lower precision internally")
+        probes = [run_torch(model, nudged(feeds, seed), output_names) for seed in range(PROBES)]
     return TorchReference(float32, float64, probes)
+
+
+def check_absolute_tolerance(atol: float | None, reference: TorchReference) -> None:
+    """Refuse, before the slow export, an --atol that cannot judge these outputs: per sample it becomes atol / the
+    sample's range, so it must lie within `RTOL_RANGE` times the outputs' largest magnitude."""
+    peak = max((float(np.abs(a).max(initial=0.0)) for outputs in reference.anchor for a in outputs.values()),
+               default=0.0)
+    low, high = RTOL_RANGE
+    if atol is None or peak == 0 or low * peak <= atol <= high * peak:
+        return
+    what = "more than a tenth" if atol > high * peak else "below float32's resolution"
+    raise DeployError(f"--atol {atol:g} is {what} of the outputs' largest magnitude ({peak:.3g}), so it cannot tell a "
+                      f"working export from a broken one; pass an --atol from {low * peak:.2g} to {high * peak:.2g}, "
+                      f"or an --rtol.")
 
 
 def onnxrt_results(session, feeds: Sequence[Feed]) -> RunResults:
     """Run an onnxruntime session through Polygraphy's runner on each feed."""
-    with polygraphy_quiet():
+    shape = "x".join(map(str, next(iter(feeds[0].values())).shape))
+    with polygraphy_quiet(), memory_errors(f"Running the exported model in onnxruntime on inputs of shape {shape}"):
         return Comparator.run([OnnxrtRunner(session, name=ONNXRT_RUNNER)], data_loader=list(feeds))
 
 

@@ -6,9 +6,12 @@ Installed, this folder is the package `deploykit.models`; in a checkout it is al
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,6 +104,15 @@ def check_dynamic_spatial(arch: str) -> int:
     return spec.min_size
 
 
+def arch_from_file_name(path: str | os.PathLike) -> str | None:
+    """The zoo architecture a checkpoint's file name names, if any: official names carry a hash
+    (``scnet50-dc6a7e87.pth``), converted ones a precision (``od_resnet18_fp16.safetensors``)."""
+    stem = Path(path).stem
+    for _ in range(2):  # a hash and a precision, in either order
+        stem = re.sub(r"-[0-9a-f]{6,}$|[._-](fp16|fp32|bf16|half|float16|bfloat16|float32)$", "", stem)
+    return stem if stem in MODELS else None
+
+
 def model_spec(arch: str) -> ModelSpec:
     """The registry entry for `arch`; an unknown name lists the known ones."""
     try:
@@ -111,11 +123,11 @@ def model_spec(arch: str) -> ModelSpec:
 
 
 def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None,
-                state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+                state_dict: Mapping[str, torch.Tensor] | None = None, hint: str | None = None) -> nn.Module:
     """Build `arch` in eval mode and, when given, load `state_dict` strictly (every key, every shape).
 
     A mismatch raises `DeployError` naming a few missing, unexpected and mis-shaped keys, which is usually
-    enough to tell a wrong `--arch` from a checkpoint with an unstripped wrapper.
+    enough to tell a wrong `--arch` from a checkpoint with an unstripped wrapper; `hint` ends it (what to check).
     """
     spec = model_spec(arch)
     try:
@@ -124,7 +136,7 @@ def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None,
         raise DeployError(f"Cannot build {arch} with arguments {dict(arch_kwargs or {})}: {err}.") from None
     if state_dict is not None:
         state_dict = upgrade_state_dict(model, state_dict)
-        check_state_dict(arch, model, state_dict)
+        check_state_dict(arch, model, state_dict, hint=hint)
         model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
@@ -214,7 +226,8 @@ def _normalise_by_magnitude(norms) -> None:
         norm.running_var += norm.running_mean ** 2
 
 
-def check_state_dict(arch: str, model: nn.Module, state_dict: Mapping[str, torch.Tensor], shown: int = 3) -> None:
+def check_state_dict(arch: str, model: nn.Module, state_dict: Mapping[str, torch.Tensor], shown: int = 3,
+                     hint: str | None = None) -> None:
     """Raise one readable `DeployError` if `state_dict` does not fit `model` key for key and shape for shape."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -236,4 +249,4 @@ def check_state_dict(arch: str, model: nn.Module, state_dict: Mapping[str, torch
     if misshaped:
         parts.append(f"{len(misshaped)} with another shape ({few(misshaped)})")
     raise DeployError(f"The checkpoint's state_dict does not fit {arch}: " + "; ".join(parts)
-                      + "; check --arch, or that the checkpoint is for this architecture.")
+                      + f"; {hint or 'check --arch, or that the checkpoint is for this architecture'}.")

@@ -25,8 +25,12 @@ import pytest
 import torch
 from torch import nn
 
+import onnx
+from polygraphy.comparator import RunResults
+
 from deploykit import cli
 from deploykit.checkpoint import write_checkpoint
+from deploykit.errors import DeployError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,7 +222,133 @@ CASES = [
          "No model given: pass --model (a checkpoint), or --arch path/to/net.py:factory"),
     Case("unavailable_provider", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--providers", "cuda"],
          "does not offer CUDAExecutionProvider"),
+    # issue 19: files of the user's that bear the artifacts' names
+    Case("output_holds_user_files", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "-o", str(user_files(
+        t / "mydir", "report.json", "model.plan"))], "already holds report.json, model.plan, which the last deploykit "
+                                                     "run there did not write"),
+    Case("output_dot_user_inputs", lambda t, s, m: [user_files(t, "inputs.json"), "--model", str(s["tiny"]), *TINY,
+                                                    "-o", "."][1:], "Output directory . already holds inputs.json"),
+    Case("output_symlinked_artifact", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "-o", str(_symlink(
+        _mkdir(t / "out") / "model.onnx", _write(t / "mine.onnx", b"the user's model")).parent)],
+         "already holds model.onnx"),
+    Case("output_user_lock_file", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "-o", str(user_files(
+        t / "out", ".deploykit.lock"))], "already holds .deploykit.lock"),
+    Case("triton_foreign_model_folder", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--triton-repo", str(
+        user_files(t / "repo" / "model", "config.pbtxt").parent)],
+         "already holds model, which deploykit did not write"),
+    # issue 19: images
+    Case("images_float_out_of_range", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--images", str(
+        _float_image(t / "depth.tiff"))], "holds floating-point pixels from 0 to 1000"),
+    Case("images_too_large", lambda t, s, m: [m.setattr("PIL.Image.MAX_IMAGE_PIXELS", 100), "--model", str(s["tiny"]),
+                                              *TINY, "--images", str(s["image"])][1:],
+         "is too large to read safely (Image size (1600 pixels) exceeds limit of 200 pixels"),
+    # issue 19: numbers
+    Case("rtol_inf", lambda t, s, m: ["--model", str(s["od"]), "--rtol", "inf"], "--rtol must be a number from"),
+    Case("atol_inf", lambda t, s, m: ["--model", str(s["od"]), "--atol", "inf"], "--atol must be a positive finite"),
+    Case("rtol_too_large", lambda t, s, m: ["--model", str(s["od"]), "--rtol", "5"], "got 5.0"),
+    Case("rtol_zero", lambda t, s, m: ["--model", str(s["od"]), "--rtol", "0"], "(float32's resolution)"),
+    Case("atol_zero", lambda t, s, m: ["--model", str(s["od"]), "--atol", "0"], "got 0.0"),
+    Case("atol_too_large", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--atol", "1e30"],
+         "--atol 1e+30 is more than a tenth of the outputs' largest magnitude"),
+    Case("atol_below_resolution", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--atol", "1e-30"],
+         "--atol 1e-30 is below float32's resolution of the outputs' largest magnitude"),
+    Case("seed_too_large", lambda t, s, m: ["--model", str(s["od"]), "--seed", "99999999999999999999999"],
+         "--seed must be an integer from 0 to 18446744073709551615"),
+    Case("seed_negative", lambda t, s, m: ["--model", str(s["od"]), "--seed", "-5"], "got -5"),
+    Case("checkpoint_newer_format", lambda t, s, m: ["--model", str(_edited_checkpoint(
+        t / "c.pt", format_version=99))], "format version 99, which this deploykit (format version 1) cannot read; "
+                                          "upgrade deploykit"),
+    Case("checkpoint_bad_input_shape", lambda t, s, m: ["--model", str(_edited_checkpoint(
+        t / "c.pt", input_shape=[3, 0, -5]))], "its input_shape [3, 0, -5] is not a list of positive sizes"),
+    Case("mean_0_255_scale", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--images", str(s["image"]), "--mean",
+                                              "123.7,116.3,103.5"], "(on the 0-255 scale: divide by 255)"),
+    Case("providers_empty", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--providers", ""],
+         "names an empty provider"),
+    # issue 19: memory
+    Case("out_of_memory", lambda t, s, m: [m.setattr("deploykit.verify.run_torch", _allocator_fails),
+                                           "--model", str(s["tiny"]), *TINY][1:],
+         "on inputs of shape 1x3x8x8 ran out of memory (one allocation of 12.0 GiB failed; "),
+    Case("ort_out_of_memory", lambda t, s, m: [m.setattr("deploykit.pipeline.session_from_onnx", _arena_fails),
+                                               "--model", str(s["tiny"]), *TINY][1:],
+         "Running the exported model in onnxruntime on inputs of shape 1x3x8x8 ran out of memory (one allocation of "
+         "64.0 GiB failed; "),
+    Case("memory_estimate_random_inputs", lambda t, s, m: [
+        m.setattr("deploykit.memory.available_bytes", lambda: 1000), "--model", str(s["tiny"]), *TINY][1:],
+         "Making random inputs of shape 1x3x8x8 needs at least 1.5 KiB of memory, more than the 1000 bytes available"),
+    Case("memory_estimate", lambda t, s, m: [
+        m.setattr("deploykit.memory.available_bytes", lambda: 1000), "--model", str(s["tiny"]), *TINY, "--inputs",
+        str(npz(t / "x.npz", input=np.random.default_rng(0).standard_normal((1, 3, 8, 8), dtype=np.float32)))][1:],
+         "Running the model in PyTorch on inputs of shape 1x3x8x8 needs at least 8.2 KiB of memory, more than the "
+         "1000 bytes available"),
+    # issue 19: words
+    Case("symlink_loop", lambda t, s, m: ["--model", str(_symlink(t / "a.pt", _symlink(t / "b.pt", t / "a.pt")))],
+         "a.pt is a symbolic link loop"),
+    Case("broken_symlink", lambda t, s, m: ["--model", str(_symlink(t / "a.pt", t / "gone.pt"))],
+         "is a symbolic link to {tmp}/gone.pt, which does not exist"),
+    Case("checkpoint_arch_field_wrong", lambda t, s, m: ["--model", str(write_checkpoint(
+        t / "c.pt", "od_resnet18", tiny_module().state_dict()))], "the checkpoint's own arch field names od_resnet18"),
+    Case("inputs_batch_zero", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--inputs", str(npz(
+        t / "x.npz", input=np.zeros((0, 3, 8, 8), np.float32)))], "has shape 0x3x8x8, which holds no sample"),
+    Case("inputs_beyond_float32", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--inputs", str(npz(
+        t / "x.npz", input=np.full((1, 3, 8, 8), 1e300)))], "192 float64 value(s) beyond float32's range"),
+    Case("inputs_scalar", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--inputs", str(npz(
+        t / "x.npz", input=np.float32(0.5)))], "The input in --inputs {tmp}/x.npz is a scalar, which holds no sample"),
+    Case("max_batch_too_large", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--triton-repo", str(t / "repo"),
+                                                 "--max-batch", "99999999999"],
+         "max_batch must be from 1 to 2147483647 (Triton's and TensorRT's 32-bit limit), got 99999999999"),
+    Case("input_shape_negative_separate", lambda t, s, m: ["--model", str(s["od"]), "--input-shape", "-1x3x224x224"],
+         "Input shape '-1x3x224x224' is invalid: every dimension must be >= 1"),
 ]
+
+
+def user_files(directory: Path, *names: str) -> Path:
+    """`directory` (created) holding the user's own files of these names, each with its own bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (directory / name).write_bytes(f"the user's own {name}\n".encode())
+    return directory
+
+
+def _symlink(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _float_image(path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.linspace(0, 1000, 400, dtype=np.float32).reshape(20, 20)).save(path)  # mode "F"
+    return path
+
+
+def _edited_checkpoint(path: Path, **fields) -> Path:
+    """A deploykit checkpoint of the tiny module, with fields as written by someone else."""
+    return write_checkpoint(path, "od_resnet18", tiny_module().state_dict(), **fields)
+
+
+def _allocator_fails(*args, **kwargs):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                       "tried to allocate 12884901888 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def _arena_fails(model, providers=None, threads=None):
+    """An onnxruntime session whose arena cannot allocate, raising what onnxruntime raises then."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    from deploykit.runtime.ort import session_from_onnx
+
+    session = session_from_onnx(model, providers, threads)
+
+    class Session:
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run(self, *args, **kwargs):
+            raise RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                                   "running Conv node. Status Message: bfc_arena.cc:376 Failed to allocate memory for "
+                                   "requested buffer of size 68719476736")
+
+    return Session()
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -258,6 +388,12 @@ def tree(root: Path) -> list[str]:
     return sorted(found)
 
 
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for a directory or a symbolic link): nothing may change."""
+    return {name: None if (root / name).is_dir() or (root / name).is_symlink() else (root / name).read_bytes()
+            for name in tree(root)}
+
+
 def test_the_catalogue_is_large_enough_and_documented():
     assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
     doc = (REPO / "docs" / "bad-inputs.md").read_text()
@@ -269,7 +405,7 @@ def test_the_catalogue_is_large_enough_and_documented():
 def test_bad_input(case, tmp_path, shared, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = case.argv(tmp_path, shared, monkeypatch)
-    before = tree(tmp_path)
+    before = snapshot(tmp_path)
     try:
         status = cli.main(argv)
     except SystemExit as exit_:  # argparse's own usage errors
@@ -282,8 +418,44 @@ def test_bad_input(case, tmp_path, shared, capsys, monkeypatch):
     assert message.startswith("error: ") and message.endswith("."), message
     assert not re.search(r"\.\s+[A-Z]", message), f"more than one sentence: {message}"
     assert case.expected.replace("{tmp}", str(tmp_path)) in message, message
-    assert tree(tmp_path) == before, "a bad input left files or directories behind"
+    assert snapshot(tmp_path) == before, "a bad input left files or directories behind, or changed the user's"
     assert not (tmp_path / "deploykit-out").exists()
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def test_user_files_bearing_the_artifacts_names_are_never_touched(tmp_path, shared, capsys, monkeypatch):
+    """Only the files the last run wrote (listed with their SHA-256 in its report.json, unchanged since) are ever
+    replaced or removed; the user's own files of those names are refused before the slow steps and under the
+    write's lock, or replaced with --overwrite."""
+    from deploykit import artifacts
+
+    monkeypatch.chdir(tmp_path)
+    out = user_files(tmp_path / "out", *artifacts.ARTIFACT_FILES)
+    theirs = contents(out)
+    argv = ["--model", str(shared["tiny"]), *TINY, "-o", str(out)]
+    assert cli.main(argv) == 2
+    refused = capsys.readouterr().err
+    assert "already holds model.onnx, inputs.json, torch_outputs.json, report.json, model.plan" in refused
+    assert contents(out) == theirs
+    with pytest.raises(DeployError, match="already holds"):  # the check under the lock, for files that came late
+        artifacts.write_artifacts(out, onnx.ModelProto(), [], RunResults(), {})
+    assert contents(out) == theirs
+
+    assert cli.main([*argv, "--overwrite"]) == 0  # opted in: replaced, and the user's model.plan removed
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(os.listdir(out)) == sorted(["model.onnx", "inputs.json", "torch_outputs.json", "report.json"])
+    assert report["config"]["overwrite"] is True and set(report["artifacts"]) == {"model.onnx", "inputs.json",
+                                                                                 "torch_outputs.json"}
+    assert cli.main(argv) == 0  # the last run's own files are replaced without --overwrite
+    (out / "model.onnx").write_bytes(b"the user's edit")
+    edited = contents(out)
+    assert cli.main(argv) == 2
+    assert "already holds model.onnx, which the last deploykit run there did not write (or which changed since)" in \
+        capsys.readouterr().err
+    assert contents(out) == edited
 
 
 def test_verbose_adds_the_traceback(tmp_path, capsys):

@@ -293,6 +293,21 @@ def test_foreign_readme_is_not_overwritten(tmp_path, dynamic_model):
     assert files_under(repo) == {"README.md"}
 
 
+@pytest.mark.parametrize("folder", ["tiny", "tiny_trt"])
+def test_a_model_folder_deploykit_did_not_write_is_never_replaced_or_removed(tmp_path, dynamic_model, folder):
+    """A model of the same name (or its _trt twin, which an export without an engine would remove) that is someone
+    else's is refused, and stays byte for byte."""
+    repo = tmp_path / "repo"
+    (repo / folder / "1").mkdir(parents=True)
+    (repo / folder / "config.pbtxt").write_text('backend: "python"\n')
+    (repo / folder / "1" / "model.py").write_text("# their model\n")
+    before = {name: (repo / name).read_bytes() for name in files_under(repo) if (repo / name).is_file()}
+    with pytest.raises(DeployError) as err:
+        write_triton_repository(repo, "tiny", dynamic_model)
+    assert_one_sentence(err.value, f"already holds {folder}, which deploykit did not write")
+    assert {name: (repo / name).read_bytes() for name in files_under(repo) if (repo / name).is_file()} == before
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"name": "../up"}, "cannot name a Triton model"),
     ({"max_batch": 0}, "max_batch_size"),

@@ -50,7 +50,8 @@ class PassReport:
     before: GraphStats
     after: GraphStats
     folded_nodes: int
-    removed_parameters: int  # initializer elements before minus after (negative if folding made tensors larger)
+    parameter_change: int  # initializer elements after minus before: negative when folding removed weights, positive
+    # when it materialised constants larger than the subgraphs they replace (e.g. the deformable convs' sampling grids)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +68,7 @@ def run_passes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
     check(model)
     after = GraphStats.of(model)
     return model, PassReport(before, after, folded_nodes=before.nodes - after.nodes,
-                             removed_parameters=before.parameters - after.parameters)
+                             parameter_change=after.parameters - before.parameters)
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:

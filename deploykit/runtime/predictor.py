@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from deploykit.artifacts import ENGINE_FILE, MODEL_FILE, REPORT_FILE
 from deploykit.errors import DeployError
+from deploykit.fileio import missing_reason
 from deploykit.log import polygraphy_quiet
 from deploykit.runtime import trt
 from deploykit.runtime.ort import session_from_onnx
@@ -258,7 +259,7 @@ def _locate(path: Path, runtime: str | None) -> tuple[str, Path, dict]:
                               f"{runtime}.")
         return runtime, model_file, _read_report(path / REPORT_FILE)
     if not path.is_file():
-        raise DeployError(f"{path} does not exist.")
+        raise DeployError(f"{path} {missing_reason(path)}.")
     kind = _SUFFIX_RUNTIMES.get(path.suffix.lower())
     if kind is None:
         raise DeployError(f"{path} is neither an export directory nor a .onnx or .plan file.")

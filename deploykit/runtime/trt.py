@@ -21,6 +21,7 @@ import numpy as np
 from polygraphy.comparator import Comparator, RunResults
 
 from deploykit.errors import DeployError
+from deploykit.fileio import missing_reason
 from deploykit.log import polygraphy_quiet
 from deploykit.runtime.kernels import PLUGINS_DIR
 
@@ -54,7 +55,7 @@ def find_plugin_library(requested: str | os.PathLike | None = None) -> Path | No
         if candidate:
             path = Path(candidate)
             if not path.is_file():
-                raise DeployError(f"The plugin library {path} (from {origin}) does not exist.")
+                raise DeployError(f"The plugin library {path} (from {origin}) {missing_reason(path)}.")
             return path.resolve()
     return DEFAULT_PLUGIN_LIBRARY if DEFAULT_PLUGIN_LIBRARY.is_file() else None
 

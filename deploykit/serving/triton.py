@@ -26,12 +26,13 @@ from pathlib import Path
 import onnx
 
 from deploykit.errors import DeployError
-from deploykit.fileio import nearest_existing
+from deploykit.fileio import missing_reason, nearest_existing
 
 CONFIG_FILE = "config.pbtxt"
 VERSION = "1"
 README_FILE = "README.md"
 README_MARKER = "# Triton model repository (written by deploykit)"
+CONFIG_MARKER = "# written by deploykit: a later export of this model may replace this folder"
 TRT_SUFFIX = "_trt"
 # How long the dynamic batcher may hold a request to form a larger batch: a tenth of a millisecond costs a single
 # request nothing noticeable, and under load it is enough for concurrent requests to meet.
@@ -107,14 +108,14 @@ def write_triton_repository(repo_dir: str | os.PathLike, name: str, onnx_model: 
     onnx_config = _onnx_config(name, inputs, outputs, max_batch if batched else 0, instance_kind, threads)
     # None: a model folder of a previous export that this one no longer has (removed with the rest)
     entries: dict[str, dict[str, bytes | Path] | None] = {
-        name: {CONFIG_FILE: _pbtxt(onnx_config).encode(), f"{VERSION}/model.onnx": onnx_model.SerializeToString()},
+        name: {CONFIG_FILE: _config_text(onnx_config), f"{VERSION}/model.onnx": onnx_model.SerializeToString()},
         name + TRT_SUFFIX: None}
     trt_name, plugin = None, None
     if engine is not None:
         trt_name = name + TRT_SUFFIX
         plugin = _existing_file(plugin_library, "TensorRT plugin library") if plugin_library is not None else None
         trt_config = _trt_config(trt_name, inputs, outputs, batched, _profile(engine_profile, inputs))
-        entries[trt_name] = {CONFIG_FILE: _pbtxt(trt_config).encode(), f"{VERSION}/model.plan": bytes(engine)}
+        entries[trt_name] = {CONFIG_FILE: _config_text(trt_config), f"{VERSION}/model.plan": bytes(engine)}
         if plugin is not None:
             entries[trt_name][plugin.name] = plugin
     readme = _readme(name, inputs, outputs, onnx_config, trt_name, plugin, examples, _uses_deform_conv(onnx_model))
@@ -148,6 +149,7 @@ def check_triton_target(repo_dir: str | os.PathLike, name: str, *, max_batch: in
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DeployError(f"The Triton repository {repo} cannot be written: {existing} is not writable.")
     _check_readme_is_ours(repo / README_FILE)
+    _check_model_folders_are_ours(repo, name)
 
 
 def parse_config(text: str):
@@ -234,7 +236,7 @@ def _profile(profile: Mapping[str, Sequence[int]] | None, inputs: Sequence[_Tens
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise DeployError(f"The {what} {path} does not exist.")
+        raise DeployError(f"The {what} {path} {missing_reason(path)}.")
     return path
 
 
@@ -385,6 +387,27 @@ def _check_readme_is_ours(path: Path) -> None:
     if foreign:
         raise DeployError(f"{path} exists and was not written by deploykit; remove it or choose another repository "
                           f"directory.")
+
+
+def _check_model_folders_are_ours(repo: Path, name: str) -> None:
+    """Refuse to replace or remove a ``<name>`` or ``<name>_trt`` folder that deploykit did not write (its
+    config.pbtxt does not start with `CONFIG_MARKER`): it is someone else's model."""
+    for folder in (repo / name, repo / (name + TRT_SUFFIX)):
+        if not (folder.exists() or folder.is_symlink()):
+            continue
+        config = folder / CONFIG_FILE
+        try:
+            ours = folder.is_dir() and not folder.is_symlink() and config.is_file() and \
+                config.read_text(errors="replace").startswith(CONFIG_MARKER)
+        except OSError as err:
+            raise DeployError(f"Cannot read {config}: {err.strerror or err}.") from err
+        if not ours:
+            raise DeployError(f"The Triton repository {repo} already holds {folder.name}, which deploykit did not "
+                              f"write; remove it, or choose another --triton-name or repository directory.")
+
+
+def _config_text(message: Mapping) -> bytes:
+    return f"{CONFIG_MARKER}\n{_pbtxt(message)}".encode()
 
 
 def _remove(path: Path) -> None:
