@@ -234,8 +234,8 @@ CASES = [
     Case("output_user_lock_file", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "-o", str(user_files(
         t / "out", ".deploykit.lock"))], "already holds .deploykit.lock"),
     Case("triton_foreign_model_folder", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--triton-repo", str(
-        user_files(t / "repo" / "model", "config.pbtxt").parent)],
-         "already holds model, which deploykit did not write"),
+        user_files(t / "repo" / "Sequential", "config.pbtxt").parent)],  # named after the pickled model's class
+         "already holds Sequential, which deploykit did not write"),
     # issue 19: images
     Case("images_float_out_of_range", lambda t, s, m: ["--model", str(s["tiny"]), *TINY, "--images", str(
         _float_image(t / "depth.tiff"))], "holds floating-point pixels from 0 to 1000"),
