@@ -53,6 +53,11 @@ class ExportConfig:
         triton_name: the model's name in that repository. Defaults to the arch.
         triton_instance: where Triton's onnxruntime backend runs the model, "cpu" or "gpu". Defaults to "cpu".
         force: write the Triton repository even when the verdict is "failed" or "inconclusive". Defaults to False.
+        quantize: "int8": after the fp32 verification, also write ``model.int8.onnx`` (QDQ) and judge it on the
+            verification inputs against PyTorch (`deploykit.quantize`, docs/quantization.md). Defaults to None.
+        calibration: images, directories of images or ``.npz`` files to calibrate the int8 model on; never the
+            verification inputs. Required with `quantize`.
+        keep_float: module paths or ONNX node names kept in float32 in the int8 model. Defaults to none.
         verbose: debug logging and the exporter's own diagnostics.
     """
 
@@ -84,6 +89,9 @@ class ExportConfig:
     triton_name: str | None = None
     triton_instance: str | None = None
     force: bool = False
+    quantize: str | None = None
+    calibration: list[str | os.PathLike] | None = None
+    keep_float: list[str] | None = None
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -133,9 +141,29 @@ class ExportConfig:
                                   f"emits no lower opset).")
         if self.threads is not None and self.threads < 1:
             raise DeployError(f"--threads must be at least 1, got {self.threads}.")
+        self._check_quantization()
         if self.seed is not None and (self.inputs is not None or self.images is not None):
             raise DeployError("--seed seeds the random verification inputs, but --inputs or --images gives them; "
                               "drop --seed.")
+
+    def _check_quantization(self) -> None:
+        if isinstance(self.calibration, (str, os.PathLike)):
+            self.calibration = [self.calibration]
+        if self.quantize is None:
+            if self.calibration is not None or self.keep_float:
+                raise DeployError("--calibration and --keep-float configure the int8 model; ask for one with "
+                                  "--quantize int8.")
+            return
+        if self.quantize != "int8":
+            raise DeployError(f"--quantize {self.quantize} is not supported; pass --quantize int8.")
+        if not self.calibration:
+            raise DeployError("--quantize int8 needs calibration inputs: pass --calibration with images, directories "
+                              "of images or .npz files (not the verification inputs).")
+        self.calibration = [Path(p) for p in self.calibration]
+        overlap = {p.resolve() for p in self.calibration} & {Path(p).resolve() for p in self.images or []}
+        if overlap or (self.inputs is not None and Path(self.inputs).resolve() in {p.resolve() for p in self.calibration}):
+            raise DeployError(f"--calibration and the verification inputs share {', '.join(sorted(map(str, overlap))) or self.inputs}; "
+                              f"an int8 model must be judged on inputs it was not calibrated on.")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

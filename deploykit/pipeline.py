@@ -27,6 +27,7 @@ from deploykit.localize import first_divergence
 from deploykit.log import LOGGER, stage
 from deploykit.models import MODELS, build_model, check_dynamic_spatial, model_spec
 from deploykit.nn import DeformConv2d, ModulatedDeformConv2d
+from deploykit.quantize import log_int8_verdict, quantize_and_check
 from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
 from deploykit.serving.triton import check_triton_target, write_triton_repository
@@ -35,6 +36,7 @@ from deploykit.verify import (FAILED, FP16_RTOL, INSTABILITY_FACTOR, PASSED, Tor
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
+CALIBRATION_BATCH = 8
 
 
 @dataclass
@@ -153,17 +155,28 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     if config.engine:
         engine, report["tensorrt"], checks["TensorRT"] = _engine_and_check(
             config, onnx_model, feeds, reference, dynamic_batch, min_spatial, trt_version, plugin_library, timings)
-    verdict = combined_verdict([check.verdict for check in checks.values()])
+    verdicts = [check.verdict for check in checks.values()]
+    int8_model = None
+    if config.quantize:
+        with stage("Quantizing to int8 and checking it on the verification inputs", timings, "quantize"):
+            int8_model, report["quantization"] = quantize_and_check(
+                onnx_model, model, _calibration_feeds(config, arch, feeds[0][INPUT_NAME].shape), feeds,
+                config.keep_float or (), [str(p) for p in config.calibration], providers, config.threads)
+        verdicts.append(report["quantization"]["verification"]["verdict"])
+    verdict = combined_verdict(verdicts)
     report["verdict"] = verdict
     for runtime, check in checks.items():
         _log_verdict(runtime, check)
+    if int8_model is not None:
+        log_int8_verdict(report["quantization"])
     if config.triton_repo is not None:
         report["triton"] = _triton_repository(config, arch, verdict, onnx_model, dynamic_batch, input_shape, engine,
                                               report.get("tensorrt"), plugin_library)
 
     with stage(f"Writing artifacts to {output_dir}", timings, "write"):
         timings["total"] = round(time.perf_counter() - started, 4)
-        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference.saved_results(), report, engine)
+        files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference.saved_results(), report, engine,
+                                          int8_model)
     result = ExportResult(verdict, output_dir, files, report)
     if raise_on_mismatch and verdict == FAILED:
         failed = ", ".join(runtime for runtime, check in checks.items() if check.verdict == FAILED)
@@ -373,6 +386,24 @@ def _image_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int,
     return [{INPUT_NAME: first}] + ([{INPUT_NAME: second}] if resized else [])
 
 
+def _calibration_feeds(config: ExportConfig, arch: str | None, shape: tuple[int, ...]) -> list[dict[str, np.ndarray]]:
+    """The --calibration inputs, read like --images (image files, directories) and --inputs (.npz files), in
+    batches of at most `CALIBRATION_BATCH` at the verification input's size."""
+    npz = [Path(p) for p in config.calibration if Path(p).suffix.lower() == ".npz"]
+    images = [p for p in config.calibration if Path(p).suffix.lower() != ".npz"]
+    arrays = [_load_npz_input(path) for path in npz]
+    for path, array in zip(npz, arrays):
+        if array.shape[1:] != tuple(shape[1:]):
+            raise DeployError(f"--calibration {path} holds an array of shape {'x'.join(map(str, array.shape))}; the "
+                              f"model takes Nx{'x'.join(map(str, shape[1:]))}.")
+    if images:
+        preprocessing = (model_spec(arch).preprocessing if arch is not None else IMAGENET).with_statistics(
+            config.mean, config.std)
+        arrays.append(load_images(images, shape[1:], preprocessing))
+    batch = np.concatenate(arrays)
+    return [{INPUT_NAME: batch[i:i + CALIBRATION_BATCH]} for i in range(0, len(batch), CALIBRATION_BATCH)]
+
+
 def _load_npz_input(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DeployError(f"--inputs {path} {'is not a file' if path.exists() else 'does not exist'}; pass an .npz "
@@ -433,5 +464,6 @@ def _config_summary(config: ExportConfig, arch: str | None, input_shape: tuple[i
                    lowering=config.lowering or "auto",
                    output_dir=str(config.output_dir) if config.output_dir else None,
                    inputs=str(config.inputs) if config.inputs else None,
-                   images=[str(p) for p in config.images] if config.images else None)
+                   images=[str(p) for p in config.images] if config.images else None,
+                   calibration=[str(p) for p in config.calibration] if config.calibration else None)
     return summary
