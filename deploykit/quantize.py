@@ -440,14 +440,17 @@ def layer_losses(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: Feed, top: 
     exits = module_exits(fp32)
     compute = {call for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul") or node.domain
                for call in node_module_calls(node)[-1:]}
-    names = sorted({value for call, values in exits.items() if call in compute for value, _ in values})
     entries = _entering_values(fp32, compute)
-    names = sorted(set(names) | {v for values in entries.values() for v in values})
-    int8_names = {o for node in int8.graph.node for o in node.output} | {i.name for i in int8.graph.input}
-    names = [n for n in names if n in int8_names]
+    present = {o for node in int8.graph.node for o in node.output} | {i.name for i in int8.graph.input}
+    # The quantizer fuses an activation into the conv before it (Conv + Relu -> one Conv named like the Relu's
+    # output): a value it removed is measured at the activation's output instead.
+    activations = {node.input[0]: node.output[0] for node in fp32.graph.node if node.op_type in ("Relu", "Clip")}
+    measured = {value: value if value in present else activations.get(value)
+                for call in compute for value in [v for v, _ in exits.get(call, [])] + entries.get(call, [])}
+    names = sorted({v for v in measured.values() if v in present})
     reference = dict(zip(names, run_with_outputs(fp32, names, feed, ["CPUExecutionProvider"], None)))
     quantized = dict(zip(names, run_with_outputs(int8, names, feed, ["CPUExecutionProvider"], None)))
-    sqnr = {name: sqnr_db(quantized[name], reference[name]) for name in names}
+    sqnr = {value: sqnr_db(quantized[name], reference[name]) for value, name in measured.items() if name in names}
     losses = []
     for call in compute:
         outs = [value for value, _ in exits.get(call, []) if value in sqnr]
@@ -456,7 +459,7 @@ def layer_losses(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: Feed, top: 
         before = min((sqnr.get(v, float("inf")) for v in entries.get(call, [])), default=float("inf"))
         after = min(sqnr[v] for v in outs)
         losses.append({"module": call[0], "call": call[1], "sqnr_in_db": before, "sqnr_out_db": after,
-                       "loss_db": (before - after) if np.isfinite(before) else float("inf") if after < 200 else 0.0})
+                       "loss_db": before - after})
     losses.sort(key=lambda entry: (-entry["loss_db"], entry["sqnr_out_db"]))
     return losses[:top]
 

