@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--triton-name", metavar="NAME", help="the model's name in Triton (default: the arch)")
     serving.add_argument("--triton-instance", choices=("cpu", "gpu"),
                          help="where Triton's onnxruntime backend runs the model (default: cpu)")
+    serving.add_argument("--triton-precision", choices=("fp32", "int8"),
+                         help="the model the Triton repository serves: model.onnx or, with --quantize int8, "
+                              "model.int8.onnx (default: fp32)")
     serving.add_argument("--force", action="store_true",
                          help="write the Triton repository even if the verification failed or was inconclusive")
     int8 = parser.add_argument_group("int8 (docs/quantization.md)")
@@ -146,7 +149,8 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         trust_pickle=args.trust_pickle, engine=args.engine, fp16=args.fp16, plugins=args.plugins,
         max_batch=args.max_batch, min_shape=args.min_shape, max_shape=args.max_shape, triton_repo=args.triton_repo,
         triton_name=args.triton_name, triton_instance=args.triton_instance, force=args.force,
-        quantize=args.quantize, calibration=args.calibration, keep_float=args.keep_float, verbose=args.verbose)
+        quantize=args.quantize, calibration=args.calibration, keep_float=args.keep_float,
+        triton_precision=args.triton_precision, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

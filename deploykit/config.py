@@ -58,6 +58,8 @@ class ExportConfig:
         calibration: images, directories of images or ``.npz`` files to calibrate the int8 model on; never the
             verification inputs. Required with `quantize`.
         keep_float: module paths or ONNX node names kept in float32 in the int8 model. Defaults to none.
+        triton_precision: which model the Triton repository serves, "fp32" or "int8" (needs `quantize`; written
+            only when the whole run passed, unless `force`). Defaults to "fp32".
         verbose: debug logging and the exporter's own diagnostics.
     """
 
@@ -92,6 +94,7 @@ class ExportConfig:
     quantize: str | None = None
     calibration: list[str | os.PathLike] | None = None
     keep_float: list[str] | None = None
+    triton_precision: str | None = None
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -149,10 +152,15 @@ class ExportConfig:
     def _check_quantization(self) -> None:
         if isinstance(self.calibration, (str, os.PathLike)):
             self.calibration = [self.calibration]
+        if self.triton_precision not in (None, "fp32", "int8"):
+            raise DeployError(f"--triton-precision {self.triton_precision} is not supported; pass fp32 or int8.")
+        if self.triton_precision is not None and self.triton_repo is None:
+            raise DeployError("--triton-precision chooses the model of the Triton repository; name it with "
+                              "--triton-repo.")
         if self.quantize is None:
-            if self.calibration is not None or self.keep_float:
-                raise DeployError("--calibration and --keep-float configure the int8 model; ask for one with "
-                                  "--quantize int8.")
+            if self.calibration is not None or self.keep_float or self.triton_precision == "int8":
+                raise DeployError("--calibration, --keep-float and --triton-precision int8 need the int8 model; ask "
+                                  "for one with --quantize int8.")
             return
         if self.quantize != "int8":
             raise DeployError(f"--quantize {self.quantize} is not supported; pass --quantize int8.")
@@ -160,10 +168,11 @@ class ExportConfig:
             raise DeployError("--quantize int8 needs calibration inputs: pass --calibration with images, directories "
                               "of images or .npz files (not the verification inputs).")
         self.calibration = [Path(p) for p in self.calibration]
-        overlap = {p.resolve() for p in self.calibration} & {Path(p).resolve() for p in self.images or []}
-        if overlap or (self.inputs is not None and Path(self.inputs).resolve() in {p.resolve() for p in self.calibration}):
-            raise DeployError(f"--calibration and the verification inputs share {', '.join(sorted(map(str, overlap))) or self.inputs}; "
-                              f"an int8 model must be judged on inputs it was not calibrated on.")
+        verification = {Path(p).resolve() for p in [*(self.images or []), *([self.inputs] if self.inputs else [])]}
+        shared = sorted(str(p) for p in self.calibration if p.resolve() in verification)
+        if shared:
+            raise DeployError(f"--calibration and the verification inputs share {', '.join(shared)}; an int8 model "
+                              f"must be judged on inputs it was not calibrated on.")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

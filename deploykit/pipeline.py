@@ -170,7 +170,8 @@ def export_model(config: ExportConfig, raise_on_mismatch: bool = False) -> Expor
     if int8_model is not None:
         log_int8_verdict(report["quantization"])
     if config.triton_repo is not None:
-        report["triton"] = _triton_repository(config, arch, verdict, onnx_model, dynamic_batch, input_shape, engine,
+        served = int8_model if config.triton_precision == "int8" else onnx_model
+        report["triton"] = _triton_repository(config, arch, verdict, served, dynamic_batch, input_shape, engine,
                                               report.get("tensorrt"), plugin_library)
 
     with stage(f"Writing artifacts to {output_dir}", timings, "write"):

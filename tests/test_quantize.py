@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
+from bench.photos import CALIBRATION_PHOTOS, VERIFICATION_PHOTOS, save_crops
 from deploykit import ExportConfig, export_model
 from deploykit.errors import DeployError
 from deploykit.inputs import structured_noise
@@ -21,31 +21,13 @@ from deploykit.runtime import Predictor
 from tests.conftest import randomize_batchnorm
 
 SIZE = 64
-# Crops of scikit-image's photos: calibration and verification never share a photo.
-CALIBRATION_PHOTOS = ("coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "coins", "camera",
-                      "colorwheel")
-VERIFICATION_PHOTOS = ("chelsea", "cat", "astronaut")
-
-
-def _save_crops(directory, names) -> None:
-    import skimage.data
-
-    directory.mkdir()
-    for name in names:
-        image = getattr(skimage.data, name)()
-        image = np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3]
-        height, width = image.shape[:2]
-        for index, (top, left) in enumerate([(0, 0), (height // 3, width // 3)]):
-            Image.fromarray(image[top:top + 2 * height // 3, left:left + 2 * width // 3]).save(
-                directory / f"{name}_{index}.png")
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
+    """Crops of scikit-image's photos: calibration and verification never share a photo."""
     root = tmp_path_factory.mktemp("photos")
-    _save_crops(root / "calibration", CALIBRATION_PHOTOS)
-    _save_crops(root / "verification", VERIFICATION_PHOTOS)
-    return root / "calibration", root / "verification"
+    return save_crops(root / "calibration", CALIBRATION_PHOTOS), save_crops(root / "verification", VERIFICATION_PHOTOS)
 
 
 class TinyNet(nn.Module):
@@ -204,7 +186,35 @@ def test_keep_float_names_must_exist():
     (dict(quantize="int8"), "needs calibration inputs"),
     (dict(quantize="int4", calibration=["x"]), "not supported"),
     (dict(calibration=["x"]), "--quantize int8"),
+    (dict(triton_repo="t", triton_precision="int8"), "--quantize int8"),
+    (dict(triton_precision="int8", quantize="int8", calibration=["x"]), "--triton-repo"),
 ])
 def test_bad_quantization_options_are_one_sentence(options, message):
     with pytest.raises(DeployError, match=message):
         ExportConfig(model="m.pt", **options)
+
+
+def test_triton_repository_serves_the_int8_model(photos, tmp_path):
+    result = export_model(int8_config(tiny_model("odconv"), photos, tmp_path, triton_repo=tmp_path / "triton",
+                                      triton_precision="int8"))
+    assert result.report["triton"]["written"]
+    served = onnx.load(tmp_path / "triton" / "model" / "1" / "model.onnx")
+    int8 = onnx.load(result.files["model.int8.onnx"])
+    assert [n.op_type for n in served.graph.node] == [n.op_type for n in int8.graph.node]
+    assert "DynamicConv2dQDQ" in {n.op_type for n in served.graph.node}
+
+
+def test_cli_flags_reach_the_config():
+    from deploykit.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--model", "m.pt", "--quantize", "int8", "--calibration", "a", "b.npz",
+                                      "--keep-float", "layer1.0.conv1", "--triton-repo", "t",
+                                      "--triton-precision", "int8"])
+    config = config_from_args(args)
+    assert (config.quantize, [str(p) for p in config.calibration], config.keep_float, config.triton_precision) == \
+        ("int8", ["a", "b.npz"], ["layer1.0.conv1"], "int8")
+
+
+def test_calibration_must_not_be_the_verification_inputs(tmp_path):
+    with pytest.raises(DeployError, match="must be judged on inputs it was not calibrated on"):
+        ExportConfig(model="m.pt", images=[tmp_path], quantize="int8", calibration=[tmp_path])
