@@ -33,9 +33,9 @@ from deploykit.errors import DeployError
 from deploykit.export.custom_op import DOMAIN
 from deploykit.localize import module_exits, node_module_calls, run_with_outputs
 from deploykit.log import LOGGER
-from deploykit.runtime.ort import session_from_onnx
 from deploykit.ops.dynamic_conv2d import (OP_TYPE as DYNAMIC_CONV, QDQ_OP_TYPE, aggregated_kernel_bound,
                                           quantized_function_body)
+from deploykit.runtime.ort import session_from_onnx
 from deploykit.verify import FAILED, PASSED, Feed, Iterations, agreement, run_torch
 
 CALIBRATION_METHOD = "MinMax"
@@ -52,7 +52,7 @@ FLOAT_MODULES = {
                                   "compute",
 }
 CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
-# Ops whose output a bounded attention comes through unchanged in range (a Softmax over K, a Sigmoid).
+# Ops that only move elements: an attention's bound (a Softmax over K, a Sigmoid) holds through them.
 _SHAPE_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose")
 
 
@@ -202,15 +202,39 @@ def quantize_and_check(model: onnx.ModelProto, torch_model: nn.Module, calibrati
         feed = {name: array[where["sample"]:where["sample"] + 1] for name, array in feeds[where["iteration"]].items()}
         verification.worst_layers = layer_losses(model, quantized.model, feed)
     return quantized.model, {**quantized.report, "verification": verification.as_dict(),
-                             "summary": verification.describe()}
+                             "summary": verification.describe(), "reproduce": REPLAY_COMMAND}
+
+
+REPLAY_COMMAND = ("python -c \"from deploykit.quantize import replay_int8; print(replay_int8('.').describe())\"")
+
+
+def replay_int8(output_dir: str | Path) -> Int8Verification:
+    """The int8 verdict again from an export directory's files alone: ``model.int8.onnx`` run in onnxruntime on
+    ``inputs.json``, judged against ``torch_outputs.json``.
+
+    Those saved outputs are PyTorch's float64 outputs rounded to float32 where the run judged against PyTorch's
+    float32 outputs; the two differ by float32 rounding (~1e-6 of the range), four orders of magnitude below int8
+    noise, so the replay reproduces the verdict and its figures to a few hundredths of a dB."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    from deploykit.artifacts import INPUTS_FILE, INT8_MODEL_FILE, TORCH_OUTPUTS_FILE
+
+    output_dir = Path(output_dir)
+    feeds = [dict(feed) for feed in load_json(str(output_dir / INPUTS_FILE))]
+    reference = [dict(it) for it in RunResults.load(str(output_dir / TORCH_OUTPUTS_FILE))[0][1]]
+    session = session_from_onnx(onnx.load_model(output_dir / INT8_MODEL_FILE), ["cpu"], None)
+    names = [o.name for o in session.get_outputs()]
+    return verify_int8([dict(zip(names, session.run(names, feed))) for feed in feeds], reference)
 
 
 def log_int8_verdict(section: dict) -> None:
-    """The int8 verdict line, and the layers that lose the most when it failed."""
+    """The int8 verdict line, the layers that lose the most when it failed, and the replay line."""
     LOGGER.info("%s", section["summary"])
     for layer in section["verification"]["worst_layers"][:3]:
         LOGGER.info("  loses %.1f dB: %s (SQNR %.1f dB in, %.1f dB out); keep it in float with --keep-float %s",
                     layer["loss_db"], layer["module"], layer["sqnr_in_db"], layer["sqnr_out_db"], layer["module"])
+    LOGGER.info("reproduce int8: %s", section["reproduce"])
 
 
 def _unquantize_outputs(model: onnx.ModelProto) -> None:

@@ -16,7 +16,7 @@ from deploykit.errors import DeployError
 from deploykit.inputs import structured_noise
 from deploykit.nn import ACmix, CondConv2d, CondConvRouting, DyConv2d, ModulatedDeformConv2d, ODConv2d, SCConv, TVConv
 from deploykit.ops.dynamic_conv2d import aggregated_kernel_bound
-from deploykit.quantize import MIN_SQNR_DB, nodes_of, sqnr_db
+from deploykit.quantize import MIN_SQNR_DB, nodes_of, replay_int8, sqnr_db
 from deploykit.runtime import Predictor
 from tests.conftest import randomize_batchnorm
 
@@ -142,6 +142,10 @@ def test_int8_export_of_each_family_passes_on_photos(family, photos, tmp_path):
         together = predictor(batch)
         alone = np.concatenate([predictor(batch[i:i + 1]) for i in range(len(batch))])
     assert sqnr_db(together, alone) > 40
+    # The replay from the saved files alone reproduces the verdict and its figures.
+    replayed = replay_int8(result.output_dir)
+    assert replayed.verdict == verification["verdict"]
+    assert abs(replayed.outputs["output"]["sqnr_db_min"] - verification["outputs"]["output"]["sqnr_db_min"]) < 0.1
 
 
 def _verification_feeds(result):
