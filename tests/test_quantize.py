@@ -157,8 +157,8 @@ def _verification_feeds(result):
 def test_miscalibration_fails_and_names_the_worst_layer(photos, tmp_path):
     """Calibrated on inputs scaled by 1e-3, the stem's input range is 1000x too small: the int8 file fails and the
     stem conv is named (as ``stem.1``, the BatchNorm the exporter fused into it, as in the first divergence);
-    keeping it in float gains signal (3.6 dB measured) but not a pass: every later range was calibrated 1000x off
-    too."""
+    keeping it in float gains signal (-5.5 to 1.7 dB measured) but not a pass: every later range was calibrated
+    1000x off too."""
     model = tiny_model("odconv")
     calibration, verification = photos
     from deploykit.images import load_images
