@@ -374,9 +374,11 @@ def _module_of(node: onnx.NodeProto) -> str | None:
 
 
 def _node_census(model: onnx.ModelProto, kept: set[str], by_design: dict[str, str]) -> dict:
-    """Every compute node of the int8 model, quantized (an input comes through DequantizeLinear) or float, and why."""
-    from onnxruntime.quantization.registry import QDQRegistry
+    """Every compute node of the int8 model: quantized (an op onnxruntime's quantizer has an int8 form for, reading
+    a DequantizeLinear output, or a DynamicConv2dQDQ node) or float, and why."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
+    int8_ops = set(QDQRegistry) | set(QLinearOpsRegistry)
     producers = {output: node.op_type for node in model.graph.node for output in node.output}
     quantized, floating = [], []
     for node in model.graph.node:
@@ -384,8 +386,9 @@ def _node_census(model: onnx.ModelProto, kept: set[str], by_design: dict[str, st
             continue
         entry = {"node": node.name, "op": f"{node.domain}::{node.op_type}" if node.domain else node.op_type,
                  "module": _module_of(node)}
-        quantized_input = any(producers.get(i) == "DequantizeLinear" for i in node.input)
-        if node.op_type == QDQ_OP_TYPE or (quantized_input and node.name not in kept and node.name not in by_design):
+        reads_int8 = any(producers.get(i) == "DequantizeLinear" for i in node.input)
+        if node.op_type == QDQ_OP_TYPE or (not node.domain and node.op_type in int8_ops and reads_int8
+                                           and node.name not in kept and node.name not in by_design):
             quantized.append(entry)
             continue
         if node.name in kept:
@@ -394,8 +397,8 @@ def _node_census(model: onnx.ModelProto, kept: set[str], by_design: dict[str, st
             reason = by_design[node.name]
         elif node.domain == DOMAIN:
             reason = f"{node.op_type} has no int8 form (docs/quantization.md)"
-        elif node.op_type not in QDQRegistry:
-            reason = f"onnxruntime's QDQ quantizer has no int8 form for {node.op_type}"
+        elif node.op_type not in int8_ops:
+            reason = f"onnxruntime's quantizer has no int8 form for {node.op_type}"
         else:
             reason = "its inputs are not quantized (they come from float nodes)"
         floating.append({**entry, "reason": reason})
