@@ -5,6 +5,7 @@
     torch_outputs.json   PyTorch's outputs on them, a Polygraphy RunResults (runner "pytorch")
     report.json          versions, configuration, graph statistics, per-output errors, pass/fail, timings
     model.plan           the TensorRT engine, when one was asked for (``--engine``)
+    model.int8.onnx      the int8 (QDQ) model, when one was asked for (``--quantize int8``)
 
 Every file is first written under a temporary name and renamed into place only after all of them were
 written, so an error or an interrupt never leaves a half-written or inconsistent set. Only files that the previous
@@ -39,7 +40,8 @@ INPUTS_FILE = "inputs.json"
 TORCH_OUTPUTS_FILE = "torch_outputs.json"
 REPORT_FILE = "report.json"
 ENGINE_FILE = "model.plan"
-ARTIFACT_FILES = (MODEL_FILE, INPUTS_FILE, TORCH_OUTPUTS_FILE, REPORT_FILE, ENGINE_FILE)
+INT8_MODEL_FILE = "model.int8.onnx"
+ARTIFACT_FILES = (MODEL_FILE, INPUTS_FILE, TORCH_OUTPUTS_FILE, REPORT_FILE, ENGINE_FILE, INT8_MODEL_FILE)
 
 _VERSIONED_PACKAGES = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnx-graphsurgeon", "polygraphy",
                        "numpy")
@@ -110,16 +112,16 @@ def _refuse_foreign_files(directory: Path, overwrite: bool) -> None:
 
 def write_artifacts(output_dir: Path, model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]],
                     torch_outputs: RunResults, report: dict, engine: bytes | None = None,
-                    overwrite: bool = False) -> dict[str, Path]:
+                    int8_model: onnx.ModelProto | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Write the artifacts into `output_dir` atomically as a set; return their final paths.
 
     `output_dir` is created here (not before): if anything fails or the run is interrupted, the previous set (if
     any) is left as it was, no temporary file stays behind, and a directory this call created is removed again.
     The write holds the directory's lock (`deploykit.fileio.output_directory`), so two runs writing the same
     directory end with one complete set, never a mix. The report records each file's size and SHA-256
-    (``artifacts``), which proves which model.onnx etc. it belongs to. A ``model.plan`` of a previous run is removed
-    when this run has no engine. Files of these names that the previous run did not write are refused (checked
-    again under the lock), or replaced with `overwrite`."""
+    (``artifacts``), which proves which model.onnx etc. it belongs to. A ``model.plan`` (``model.int8.onnx``) of a
+    previous run is removed when this run has no engine (int8 model). Files of these names that the previous run did
+    not write are refused (checked again under the lock), or replaced with `overwrite`."""
     writers: dict[str, Callable[[Path], None]] = {
         MODEL_FILE: lambda path: onnx.save_model(model, path),
         INPUTS_FILE: lambda path: save_json(list(feeds), str(path)),
@@ -127,10 +129,13 @@ def write_artifacts(output_dir: Path, model: onnx.ModelProto, feeds: Sequence[di
     }
     if engine is not None:
         writers[ENGINE_FILE] = lambda path: path.write_bytes(engine)
+    if int8_model is not None:
+        writers[INT8_MODEL_FILE] = lambda path: onnx.save_model(int8_model, path)
     writers[REPORT_FILE] = lambda path: path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     with output_directory(output_dir):
         _refuse_foreign_files(output_dir, overwrite)
-        _commit(output_dir, writers, report, stale=[] if engine is not None else [ENGINE_FILE])
+        stale = [name for name, made in ((ENGINE_FILE, engine), (INT8_MODEL_FILE, int8_model)) if made is None]
+        _commit(output_dir, writers, report, stale=stale)
     return {name: output_dir / name for name in writers}
 
 

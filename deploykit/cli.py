@@ -133,8 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--triton-name", metavar="NAME", help="the model's name in Triton (default: the arch)")
     serving.add_argument("--triton-instance", choices=("cpu", "gpu"),
                          help="where Triton's onnxruntime backend runs the model (default: cpu)")
+    serving.add_argument("--triton-precision", choices=("fp32", "int8"),
+                         help="the model the Triton repository serves: model.onnx or, with --quantize int8, "
+                              "model.int8.onnx (default: fp32)")
     serving.add_argument("--force", action="store_true",
                          help="write the Triton repository even if the verification failed or was inconclusive")
+    int8 = parser.add_argument_group("int8 (docs/quantization.md)")
+    int8.add_argument("--quantize", choices=("int8",),
+                      help="after the fp32 verification, also write model.int8.onnx (QDQ, calibrated) and judge it "
+                           "on the verification inputs against PyTorch")
+    int8.add_argument("--calibration", nargs="+", metavar="PATH",
+                      help="calibration inputs for --quantize: images, directories of images or .npz files (never "
+                           "the verification inputs)")
+    int8.add_argument("--keep-float", nargs="+", metavar="NAME",
+                      help="module paths (e.g. layer1.0.conv1) or ONNX node names to keep in float32 in the int8 "
+                           "model (the report names the layers that lose the most)")
     parser.add_argument("-o", "--output-dir", metavar="DIR",
                         help="artifact directory (default: deploykit-out/<arch>)")
     parser.add_argument("--overwrite", action="store_true",
@@ -155,7 +168,9 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         providers=args.providers.split(",") if args.providers is not None else None, threads=args.threads,
         trust_pickle=args.trust_pickle, engine=args.engine, fp16=args.fp16, plugins=args.plugins,
         max_batch=args.max_batch, min_shape=args.min_shape, max_shape=args.max_shape, triton_repo=args.triton_repo,
-        triton_name=args.triton_name, triton_instance=args.triton_instance, force=args.force, verbose=args.verbose)
+        triton_name=args.triton_name, triton_instance=args.triton_instance, force=args.force,
+        quantize=args.quantize, calibration=args.calibration, keep_float=args.keep_float,
+        triton_precision=args.triton_precision, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,13 @@ class ExportConfig:
         triton_name: the model's name in that repository. Defaults to the arch.
         triton_instance: where Triton's onnxruntime backend runs the model, "cpu" or "gpu". Defaults to "cpu".
         force: write the Triton repository even when the verdict is "failed" or "inconclusive". Defaults to False.
+        quantize: "int8": after the fp32 verification, also write ``model.int8.onnx`` (QDQ) and judge it on the
+            verification inputs against PyTorch (`deploykit.quantize`, docs/quantization.md). Defaults to None.
+        calibration: images, directories of images or ``.npz`` files to calibrate the int8 model on; never the
+            verification inputs. Required with `quantize`.
+        keep_float: module paths or ONNX node names kept in float32 in the int8 model. Defaults to none.
+        triton_precision: which model the Triton repository serves, "fp32" or "int8" (needs `quantize`; written
+            only when the whole run passed, unless `force`). Defaults to "fp32".
         verbose: debug logging and the exporter's own diagnostics.
         progress: log each stage on stderr as the CLI does, unless the application configured logging itself (the
             ``deploykit`` logger or the root logger; then its configuration decides). Defaults to True; False
@@ -112,6 +119,10 @@ class ExportConfig:
     triton_name: str | None = None
     triton_instance: str | None = None
     force: bool = False
+    quantize: str | None = None
+    calibration: list[str | os.PathLike] | None = None
+    keep_float: list[str] | None = None
+    triton_precision: str | None = None
     verbose: bool = False
     progress: bool = True
 
@@ -178,9 +189,35 @@ class ExportConfig:
                                   f"emits no lower opset).")
         if self.threads is not None and self.threads < 1:
             raise DeployError(f"--threads must be at least 1, got {self.threads}.")
+        self._check_quantization()
         if self.seed is not None and (self.inputs is not None or self.images is not None):
             raise DeployError("--seed seeds the random verification inputs, but --inputs or --images gives them; "
                               "drop --seed.")
+
+    def _check_quantization(self) -> None:
+        if isinstance(self.calibration, (str, os.PathLike)):
+            self.calibration = [self.calibration]
+        if self.triton_precision not in (None, "fp32", "int8"):
+            raise DeployError(f"--triton-precision {self.triton_precision} is not supported; pass fp32 or int8.")
+        if self.triton_precision is not None and self.triton_repo is None:
+            raise DeployError("--triton-precision chooses the model of the Triton repository; name it with "
+                              "--triton-repo.")
+        if self.quantize is None:
+            if self.calibration is not None or self.keep_float or self.triton_precision == "int8":
+                raise DeployError("--calibration, --keep-float and --triton-precision int8 need the int8 model; ask "
+                                  "for one with --quantize int8.")
+            return
+        if self.quantize != "int8":
+            raise DeployError(f"--quantize {self.quantize} is not supported; pass --quantize int8.")
+        if not self.calibration:
+            raise DeployError("--quantize int8 needs calibration inputs: pass --calibration with images, directories "
+                              "of images or .npz files (not the verification inputs).")
+        self.calibration = [Path(p) for p in self.calibration]
+        verification = {Path(p).resolve() for p in [*(self.images or []), *([self.inputs] if self.inputs else [])]}
+        shared = sorted(str(p) for p in self.calibration if p.resolve() in verification)
+        if shared:
+            raise DeployError(f"--calibration and the verification inputs share {', '.join(shared)}; an int8 model "
+                              f"must be judged on inputs it was not calibrated on.")
 
 
 def _shapes(value) -> tuple[int, ...] | list[tuple[int, ...]]:

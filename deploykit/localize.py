@@ -144,7 +144,7 @@ def first_divergence(model: nn.Module, onnx_model: onnx.ModelProto, feed: Feed, 
         return None
     exits[("", 0)] = [(graph_output, "graph output")]
     values = sorted({value for values in exits.values() for value, _ in values} - {graph_output})
-    deployed = dict(zip([graph_output, *values], _run_with_outputs(onnx_model, [graph_output, *values], feed,
+    deployed = dict(zip([graph_output, *values], run_with_outputs(onnx_model, [graph_output, *values], feed,
                                                                    providers, threads)))
     root = outputs.index(graph_output)
     order, fp32 = _module_outputs(model, feed, torch.float32, root)
@@ -178,7 +178,7 @@ def first_divergence(model: nn.Module, onnx_model: onnx.ModelProto, feed: Feed, 
     return None
 
 
-def _run_with_outputs(onnx_model: onnx.ModelProto, names: list[str], feed: Feed, providers, threads) -> list:
+def run_with_outputs(onnx_model: onnx.ModelProto, names: list[str], feed: Feed, providers, threads) -> list:
     """Run the graph with `names` (intermediate values included) as its outputs."""
     probed = onnx.ModelProto()
     probed.CopyFrom(onnx_model)

@@ -28,6 +28,7 @@ from deploykit.localize import first_divergence
 from deploykit.log import LOGGER, progress, stage
 from deploykit.models import MODELS, arch_from_file_name, build_model, check_dynamic_spatial, model_spec
 from deploykit.nn import OffsetInputDeformConv2d
+from deploykit.quantize import log_int8_verdict, quantize_and_check
 from deploykit.runtime import trt
 from deploykit.runtime.ort import resolve_providers, session_from_onnx
 from deploykit.serving.triton import check_triton_target, write_triton_repository
@@ -37,6 +38,7 @@ from deploykit.verify import (FAILED, FP16_RTOL, INSTABILITY_FACTOR, PASSED, Tor
                               check_absolute_tolerance, combined_verdict, compare, onnxrt_results, polygraphy_command,
                               torch_reference)
 
+CALIBRATION_BATCH = 8
 
 
 @dataclass
@@ -174,19 +176,30 @@ def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
     if config.engine:
         engine, report["tensorrt"], checks["TensorRT"] = _engine_and_check(
             config, onnx_model, feeds, reference, dynamic_batch, min_spatial, trt_version, plugin_library, timings)
-    verdict = combined_verdict([check.verdict for check in checks.values()])
+    verdicts = [check.verdict for check in checks.values()]
+    int8_model = None
+    if config.quantize:
+        with stage("Quantizing to int8 and checking it on the verification inputs", timings, "quantize"):
+            int8_model, report["quantization"] = quantize_and_check(
+                onnx_model, reference_model, _calibration_feeds(config, arch, names, input_shapes), feeds,
+                config.keep_float or (), [str(p) for p in config.calibration], providers, config.threads)
+        verdicts.append(report["quantization"]["verification"]["verdict"])
+    verdict = combined_verdict(verdicts)
     report["verdict"] = verdict
     for runtime, check in checks.items():
         _log_verdict(runtime, check, sources if config.inputs or config.images else None)
+    if int8_model is not None:
+        log_int8_verdict(report["quantization"])
     if config.triton_repo is not None:
-        report["triton"] = _triton_repository(config, name, verdict, onnx_model, dynamic_batch,
+        served = int8_model if config.triton_precision == "int8" else onnx_model
+        report["triton"] = _triton_repository(config, name, verdict, served, dynamic_batch,
                                               dict(zip(names, input_shapes)), engine, report.get("tensorrt"),
                                               plugin_library)
 
     with stage(f"Writing artifacts to {output_dir}", timings, "write"):
         timings["total"] = round(time.perf_counter() - started, 4)
         files = artifacts.write_artifacts(output_dir, onnx_model, feeds, reference.saved_results(), report, engine,
-                                          overwrite=config.overwrite)
+                                          int8_model, overwrite=config.overwrite)
     result = ExportResult(verdict, output_dir, files, report)
     if raise_on_mismatch and verdict == FAILED:
         failed = ", ".join(runtime for runtime, check in checks.items() if check.verdict == FAILED)
@@ -493,6 +506,32 @@ def _input_sources(config: ExportConfig, feeds: list[dict[str, np.ndarray]], sha
     return [[f"{origin} {row % given}" for row in range(len(next(iter(feed.values()))))] for feed in feeds]
 
 
+def _calibration_feeds(config: ExportConfig, arch: str | None, names: list[str],
+                       shapes: list[tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
+    """The --calibration inputs, read like --images (image files, directories; one-input image models) and --inputs
+    (.npz files, one array per input), in batches of at most `CALIBRATION_BATCH` at the verification inputs' sizes."""
+    npz = [Path(p) for p in config.calibration if Path(p).suffix.lower() == ".npz"]
+    images = [p for p in config.calibration if Path(p).suffix.lower() != ".npz"]
+    if images and len(names) > 1:
+        raise DeployError(f"--calibration images calibrate models with one image input; this one takes "
+                          f"{len(names)} ({', '.join(names)}), so pass .npz files with one array per input.")
+    parts = [_load_npz_inputs(path, names) for path in npz]
+    for path, arrays in zip(npz, parts):
+        for name, shape in zip(names, shapes):
+            if arrays[name].shape[1:] != tuple(shape[1:]):
+                raise DeployError(f"--calibration {path} holds {name!r} of shape "
+                                  f"{'x'.join(map(str, arrays[name].shape))}; the model takes "
+                                  f"Nx{'x'.join(map(str, shape[1:]))}.")
+    if images:
+        preprocessing = (model_spec(arch).preprocessing if arch is not None else IMAGENET).with_statistics(
+            config.mean, config.std)
+        parts.append({names[0]: load_images(images, shapes[0][1:], preprocessing)})
+    batch = {name: np.concatenate([part[name] for part in parts]) for name in names}
+    total = len(batch[names[0]])
+    return [{name: array[i:i + CALIBRATION_BATCH] for name, array in batch.items()}
+            for i in range(0, total, CALIBRATION_BATCH)]
+
+
 def _load_npz_inputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     """One array per model input from an .npz: by the inputs' names, or (numpy.savez's positional ``arr_0``,
     ``arr_1`` ...) in the inputs' order; a one-input model takes the file's only array whatever its name."""
@@ -602,7 +641,8 @@ def _config_summary(config: ExportConfig, arch: str | None, input_shapes: list[t
                    output_dir=str(output_dir),
                    seed=(config.seed or 0) if config.inputs is None and config.images is None else None,
                    inputs=str(config.inputs) if config.inputs else None,
-                   images=[str(p) for p in config.images] if config.images else None)
+                   images=[str(p) for p in config.images] if config.images else None,
+                   calibration=[str(p) for p in config.calibration] if config.calibration else None)
     return summary
 
 

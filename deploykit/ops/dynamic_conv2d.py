@@ -257,6 +257,73 @@ def fold_lowering(X, W, A, B, S, strides, pads, dilations, group):
     return op.Reshape(y, op.Constant(value_ints=[batch, kernel_shape[0], height, width]))
 
 
+# --- int8 (QDQ) -------------------------------------------------------------------------------------------------
+
+QDQ_OP_TYPE = "DynamicConv2dQDQ"
+# The quantization parameters follow the contract's inputs: x_scale / x_zero_point (uint8, calibrated on X),
+# w_scale / w_zero_point [M] (int8, symmetric per output channel, from `aggregated_kernel_bound`), y_scale /
+# y_zero_point (uint8, calibrated on the convolution before its bias).
+QDQ_INPUTS = (*INPUTS, "x_scale", "x_zero_point", "w_scale", "w_zero_point", "y_scale", "y_zero_point")
+
+
+def aggregated_kernel_bound(bank: np.ndarray, attention_max: np.ndarray | None = None,
+                            taps_max: float = 1.0) -> np.ndarray:
+    """A bound [M] on |S[n] * sum_k A[n,k] W[k]| per output channel that holds for every sample, from the bank alone.
+
+    Softmax attention (`attention_max` None: each row of A is a convex combination) gives max_k max|W[k, o]|;
+    attention known to lie in [0, a_k] (sigmoid routing: a_k = 1) gives sum_k a_k max|W[k, o]|; tap attention in
+    [0, taps_max] scales either. The per-sample kernel then quantizes to int8 with the scale bound / 127, fixed
+    before any input is seen, so no sample's kernel is ever clipped.
+    """
+    per_kernel = np.abs(np.asarray(bank, dtype=np.float64)).reshape(*bank.shape[:2], -1).max(axis=2)  # [K, M]
+    bound = per_kernel.max(axis=0) if attention_max is None else np.asarray(attention_max, np.float64) @ per_kernel
+    return bound * taps_max
+
+
+def quantized_function_body(opset: int) -> onnx.FunctionProto:
+    """`function_body` with every per-sample Conv in int8, in the QDQ layout ORT fuses into QLinearConv even though
+    the kernel is computed at run time: Q/DQ on the input and on the kernel (per output channel, axis 0), Conv
+    without bias, Q/DQ on its output, then the per-sample bias added in float (ORT fuses no float bias)."""
+    body = function_body(opset)
+    _quantize_convs(body.node)
+    body.name = QDQ_OP_TYPE
+    del body.input[:]
+    body.input.extend(QDQ_INPUTS)
+    return body
+
+
+def _quantize_convs(nodes) -> None:
+    """Replace each Conv(x, w, b) -> y in `nodes` and their subgraphs by its QDQ form, in place."""
+    for index in reversed(range(len(nodes))):
+        node = nodes[index]
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _quantize_convs(attribute.g.node)
+        if node.op_type != "Conv":
+            continue
+        x, w, b = node.input
+        y = node.output[0]
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        conv.input[:] = [f"{x}_dq", f"{w}_dq"]
+        conv.output[:] = [f"{y}_unbiased"]
+        replacement = [
+            helper.make_node("QuantizeLinear", [x, "x_scale", "x_zero_point"], [f"{x}_q"]),
+            helper.make_node("DequantizeLinear", [f"{x}_q", "x_scale", "x_zero_point"], [f"{x}_dq"]),
+            helper.make_node("QuantizeLinear", [w, "w_scale", "w_zero_point"], [f"{w}_q"], axis=0),
+            helper.make_node("DequantizeLinear", [f"{w}_q", "w_scale", "w_zero_point"], [f"{w}_dq"], axis=0),
+            conv,
+            helper.make_node("QuantizeLinear", [f"{y}_unbiased", "y_scale", "y_zero_point"], [f"{y}_q"]),
+            helper.make_node("DequantizeLinear", [f"{y}_q", "y_scale", "y_zero_point"], [f"{y}_dq"]),
+            helper.make_node("Constant", [], [f"{b}_axes"], value_ints=[1, 2]),
+            helper.make_node("Unsqueeze", [b, f"{b}_axes"], [f"{b}_per_channel"]),
+            helper.make_node("Add", [f"{y}_dq", f"{b}_per_channel"], [y]),
+        ]
+        nodes.pop(index)
+        for offset, new in enumerate(replacement):
+            nodes.insert(index + offset, new)
+
+
 DYNAMIC_CONV2D = CustomOp(
     torch_op=torch.ops.deploykit.dynamic_conv2d.default, op_type=OP_TYPE, inputs=INPUTS, outputs=("Y",),
     attributes=ATTRIBUTES, body=function_body, standard_lowering=fold_lowering, reference=DynamicConv2dReference,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from deploykit.artifacts import ENGINE_FILE, MODEL_FILE, REPORT_FILE
+from deploykit.artifacts import ENGINE_FILE, INT8_MODEL_FILE, MODEL_FILE, REPORT_FILE
 from deploykit.errors import DeployError
 from deploykit.fileio import missing_reason
 from deploykit.log import polygraphy_quiet
@@ -37,6 +37,7 @@ from deploykit.runtime.ort import session_from_onnx
 from deploykit.signature import fill_template
 
 RUNTIMES = ("onnxruntime", "tensorrt")
+PRECISIONS = (None, "fp32", "int8")
 _SUFFIX_RUNTIMES = {".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt"}
 _KINDS = {"onnxruntime": "an ONNX model", "tensorrt": "a TensorRT engine"}
 _ORT_TYPE_NAMES = {"float": "float32", "double": "float64", "bool": "bool", "string": "object"}
@@ -65,14 +66,17 @@ class Predictor:
             this onnxruntime build offers, else the best available.
         threads: onnxruntime intra-op threads. Defaults to onnxruntime's choice.
         plugins: deploykit's TensorRT plugin library. Defaults to the report's, else `trt.find_plugin_library`'s.
+        precision: which model of an export directory onnxruntime runs: "fp32" (``model.onnx``) or "int8"
+            (``model.int8.onnx``, written by ``--quantize int8``). Defaults to "fp32".
 
     Raises:
         DeployError: a missing or unreadable model, an unknown runtime, or TensorRT asked for but not installed.
     """
 
     def __init__(self, path: str | os.PathLike, runtime: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, plugins: str | os.PathLike | None = None) -> None:
-        self.runtime, self.path, report = _locate(Path(path), runtime)
+                 threads: int | None = None, plugins: str | os.PathLike | None = None,
+                 precision: str | None = None) -> None:
+        self.runtime, self.path, report = _locate(Path(path), runtime, precision)
         if self.runtime == "onnxruntime":
             self._backend = _OrtBackend(self.path, providers or _report_providers(report), threads)
         else:
@@ -246,15 +250,22 @@ class _TrtBackend:
             self._runners.clear()
 
 
-def _locate(path: Path, runtime: str | None) -> tuple[str, Path, dict]:
+def _locate(path: Path, runtime: str | None, precision: str | None = None) -> tuple[str, Path, dict]:
     """The runtime, the model file it runs, and the export's report ({} for a bare file)."""
     if runtime is not None and runtime not in RUNTIMES:
         raise DeployError(f"Unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}.")
+    if precision not in PRECISIONS:
+        raise DeployError(f"Unknown precision {precision!r}; use one of {', '.join(p for p in PRECISIONS if p)}.")
+    if precision == "int8" and (runtime == "tensorrt" or not path.is_dir()):
+        raise DeployError("precision='int8' picks the int8 model of an export directory for onnxruntime; pass the "
+                          "directory (or the .onnx file itself, without precision).")
     if path.is_dir():
         runtime = runtime or "onnxruntime"
-        model_file = path / (ENGINE_FILE if runtime == "tensorrt" else MODEL_FILE)
+        model_file = path / (ENGINE_FILE if runtime == "tensorrt" else INT8_MODEL_FILE if precision == "int8"
+                             else MODEL_FILE)
         if not model_file.is_file():
-            hint = " (export with --engine to build one)" if runtime == "tensorrt" else ""
+            hint = " (export with --engine to build one)" if runtime == "tensorrt" else \
+                " (export with --quantize int8 to write one)" if precision == "int8" else ""
             raise DeployError(f"{path} holds no {model_file.name}{hint}, so it is not an export directory for "
                               f"{runtime}.")
         return runtime, model_file, _read_report(path / REPORT_FILE)
