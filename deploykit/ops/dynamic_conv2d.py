@@ -261,3 +261,61 @@ DYNAMIC_CONV2D = CustomOp(
     torch_op=torch.ops.deploykit.dynamic_conv2d.default, op_type=OP_TYPE, inputs=INPUTS, outputs=("Y",),
     attributes=ATTRIBUTES, body=function_body, standard_lowering=fold_lowering, reference=DynamicConv2dReference,
     plugin="dynamic_conv2d")
+
+
+# --- OpenVINO --------------------------------------------------------------------------------------------------
+
+def to_openvino(node) -> list:
+    """OpenVINO ONNX-frontend conversion (``openvino.frontend.NodeContext`` -> outputs) of the node.
+
+    The per-sample convolution is one batched MatMul over image patches, which keeps every dimension dynamic:
+    kernels [N, K] @ bank [K, M*T*C/g] (the bank reordered to taps-then-channels, a constant OpenVINO folds;
+    times the tap attention unless it is the constant ones of a layer without it), patches
+    [N, T*C, H'*W'] from ExtractImagePatches (ordered taps, then channels), and
+    [N, g, M/g, T*C/g] @ [N, g, T*C/g, H'*W'] plus the per-sample bias A @ B. OpenVINO's CPU plugin refuses a
+    GroupConvolution or Convolution whose weights are computed and whose group count is the dynamic batch (the
+    batch-folding form ORT's static-batch lowering uses), so the batch stays a MatMul batch dimension.
+    """
+    from openvino import opset13 as ov
+
+    X, W, A, B, S = (node.get_input(i) for i in range(len(INPUTS)))
+    bank, out_channels, group_channels, kh, kw = W.get_partial_shape().to_shape()
+    group, taps = node.get_attribute("group"), kh * kw
+
+    def ints(*values: int):
+        return ov.constant(np.array(values, np.int64))
+
+    by_tap = ov.transpose(W, ints(0, 1, 3, 4, 2))  # [K, M, kH, kW, C/g]
+    kernels = ov.matmul(A, ov.reshape(by_tap, ints(bank, -1), False), False, False)
+    kernels = ov.reshape(kernels, ints(-1, out_channels, kh, kw, group_channels), False)
+    if not _constant_ones(S):
+        kernels = ov.multiply(kernels, ov.reshape(S, ints(-1, 1, kh, kw, 1), False))
+    kernels = ov.reshape(kernels, ints(-1, group, out_channels // group, taps * group_channels), False)
+    top, left, bottom, right = node.get_attribute("pads")
+    if any((top, left, bottom, right)):
+        X = ov.pad(X, ints(0, 0, top, left), ints(0, 0, bottom, right), "constant", ov.constant(np.float32(0)))
+    patches = ov.extract_image_patches(X, [kh, kw], list(node.get_attribute("strides")),
+                                       list(node.get_attribute("dilations")), "valid")  # [N, T*C, H', W']
+    out_size = ov.strided_slice(ov.shape_of(patches), ints(2), ints(4), ints(1), [0], [0])
+    columns = ov.reshape(patches, ints(0, taps, group, group_channels, -1), True)
+    columns = ov.reshape(ov.transpose(columns, ints(0, 2, 1, 3, 4)), ints(0, group, taps * group_channels, -1), True)
+    y = ov.reshape(ov.matmul(kernels, columns, False, False), ov.concat([ints(-1, out_channels), out_size], 0), False)
+    if not _constant_zeros(B):
+        y = ov.add(y, ov.reshape(ov.matmul(A, B, False, False), ints(-1, out_channels, 1, 1), False))
+    return y.outputs()
+
+
+def _constant_values(output) -> np.ndarray | None:
+    """The values of an OpenVINO node output that is a constant (a folded initializer), else None."""
+    producer = output.get_node()
+    return producer.get_data() if producer.get_type_name() == "Constant" else None
+
+
+def _constant_ones(output) -> bool:
+    values = _constant_values(output)
+    return values is not None and bool(np.all(values == 1))
+
+
+def _constant_zeros(output) -> bool:
+    values = _constant_values(output)
+    return values is not None and not values.any()
