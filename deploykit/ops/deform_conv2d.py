@@ -345,10 +345,7 @@ def to_openvino(node) -> list:
     """
     from openvino import opset8 as ov
 
-    X, W, offset = (node.get_input(i) for i in range(3))
-    inputs = node.get_input_size()
-    B = node.get_input(3) if inputs > 3 else None
-    mask = node.get_input(4) if inputs > 4 else None
+    X, W, offset, B, mask = (_optional_input(node, i) for i in range(len(INPUTS)))
     pads = list(node.get_attribute("pads", [0, 0, 0, 0]))
     y = ov.deformable_convolution(
         X, offset, W, strides=list(node.get_attribute("strides", [1, 1])), pads_begin=pads[:2], pads_end=pads[2:],
@@ -357,3 +354,11 @@ def to_openvino(node) -> list:
     if B is not None:
         y = ov.add(y, ov.unsqueeze(B, ov.constant(np.array([1, 2], np.int64))))
     return y.outputs()
+
+
+def _optional_input(node, index: int):
+    """Input `index` of an OpenVINO frontend node, or None where the ONNX node omits it (absent, or named "")."""
+    if index >= node.get_input_size():
+        return None
+    value = node.get_input(index)
+    return None if value.get_node().get_type_name() == "NullNode" else value

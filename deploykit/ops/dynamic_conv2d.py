@@ -268,41 +268,45 @@ DYNAMIC_CONV2D = CustomOp(
 def to_openvino(node) -> list:
     """OpenVINO ONNX-frontend conversion (``openvino.frontend.NodeContext`` -> outputs) of the node.
 
-    The per-sample convolution is one batched MatMul over image patches, which keeps every dimension dynamic:
-    kernels [N, K] @ bank [K, M*T*C/g] (the bank reordered to taps-then-channels, a constant OpenVINO folds;
-    times the tap attention unless it is the constant ones of a layer without it), patches
-    [N, T*C, H'*W'] from ExtractImagePatches (ordered taps, then channels), and
-    [N, g, M/g, T*C/g] @ [N, g, T*C/g, H'*W'] plus the per-sample bias A @ B. OpenVINO's CPU plugin refuses a
-    GroupConvolution or Convolution whose weights are computed and whose group count is the dynamic batch (the
-    batch-folding form ORT's static-batch lowering uses), so the batch stays a MatMul batch dimension.
+    Kernels [N, K] @ bank [K, M*C/g*T] in one MatMul (times the tap attention unless it is the constant ones of
+    a layer without it), then a TensorIterator over the batch whose body is one (group) convolution with the
+    sample's kernel and bias: the batch and spatial size stay dynamic. Measured against the alternatives in
+    docs/openvino.md: OpenVINO's CPU plugin refuses a GroupConvolution whose group count is the dynamic batch
+    (the batch-folding form ORT's static-batch lowering uses), and a batched MatMul over ExtractImagePatches
+    columns was slower.
     """
+    from openvino import Model, PartialShape
     from openvino import opset13 as ov
 
     X, W, A, B, S = (node.get_input(i) for i in range(len(INPUTS)))
     bank, out_channels, group_channels, kh, kw = W.get_partial_shape().to_shape()
-    group, taps = node.get_attribute("group"), kh * kw
+    group = node.get_attribute("group")
 
     def ints(*values: int):
         return ov.constant(np.array(values, np.int64))
 
-    by_tap = ov.transpose(W, ints(0, 1, 3, 4, 2))  # [K, M, kH, kW, C/g]
-    kernels = ov.matmul(A, ov.reshape(by_tap, ints(bank, -1), False), False, False)
-    kernels = ov.reshape(kernels, ints(-1, out_channels, kh, kw, group_channels), False)
+    kernels = ov.reshape(ov.matmul(A, ov.reshape(W, ints(bank, -1), False), False, False),
+                         ints(-1, out_channels, group_channels, kh, kw), False)
     if not _constant_ones(S):
-        kernels = ov.multiply(kernels, ov.reshape(S, ints(-1, 1, kh, kw, 1), False))
-    kernels = ov.reshape(kernels, ints(-1, group, out_channels // group, taps * group_channels), False)
+        kernels = ov.multiply(kernels, ov.reshape(S, ints(-1, 1, 1, kh, kw), False))
+    biases = ov.matmul(A, B, False, False)  # [N, M]
+
+    sample = ov.parameter(PartialShape([1, *list(X.get_partial_shape())[1:]]), X.get_element_type())
+    kernel = ov.parameter(PartialShape([1, out_channels, group_channels, kh, kw]), X.get_element_type())
+    bias = ov.parameter(PartialShape([1, out_channels]), X.get_element_type())
     top, left, bottom, right = node.get_attribute("pads")
-    if any((top, left, bottom, right)):
-        X = ov.pad(X, ints(0, 0, top, left), ints(0, 0, bottom, right), "constant", ov.constant(np.float32(0)))
-    patches = ov.extract_image_patches(X, [kh, kw], list(node.get_attribute("strides")),
-                                       list(node.get_attribute("dilations")), "valid")  # [N, T*C, H', W']
-    out_size = ov.strided_slice(ov.shape_of(patches), ints(2), ints(4), ints(1), [0], [0])
-    columns = ov.reshape(patches, ints(0, taps, group, group_channels, -1), True)
-    columns = ov.reshape(ov.transpose(columns, ints(0, 2, 1, 3, 4)), ints(0, group, taps * group_channels, -1), True)
-    y = ov.reshape(ov.matmul(kernels, columns, False, False), ov.concat([ints(-1, out_channels), out_size], 0), False)
-    if not _constant_zeros(B):
-        y = ov.add(y, ov.reshape(ov.matmul(A, B, False, False), ints(-1, out_channels, 1, 1), False))
-    return y.outputs()
+    geometry = (list(node.get_attribute("strides")), [top, left], [bottom, right], list(node.get_attribute("dilations")))
+    if group == 1:
+        y = ov.convolution(sample, ov.reshape(kernel, ints(out_channels, group_channels, kh, kw), False), *geometry)
+    else:
+        filters = ov.reshape(kernel, ints(group, out_channels // group, group_channels, kh, kw), False)
+        y = ov.group_convolution(sample, filters, *geometry)
+    y = ov.add(y, ov.reshape(bias, ints(1, out_channels, 1, 1), False))
+    loop = ov.tensor_iterator()
+    loop.set_body(Model([y], [sample, kernel, bias]))
+    for parameter, value in ((sample, X), (kernel, kernels), (bias, biases)):
+        loop.set_sliced_input(parameter, value.output(0) if hasattr(value, "output") else value, 0, 1, 1, -1, 0)
+    return [loop.get_concatenated_slices(y.output(0), 0, 1, 1, -1, 0)]
 
 
 def _constant_values(output) -> np.ndarray | None:
