@@ -45,9 +45,9 @@ FOLD_MODELS = ("od_resnet50", "od_resnet18", "dy_resnet18", "efficientnet_cc_b0_
 _SETTLE_S = 0.05
 
 
-def interleaved_ms(runtimes: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, tuple[float, float]]:
-    """Median and 90th percentile (ms) of each runtime over `runs` rounds that call every runtime once, after
-    `warmup` untimed calls each."""
+def interleaved_samples(runtimes: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Times (ms) of each runtime over `runs` rounds that call every runtime once, after `warmup` untimed calls
+    each."""
     for fn in runtimes.values():
         for _ in range(warmup):
             fn()
@@ -58,6 +58,12 @@ def interleaved_ms(runtimes: dict[str, Callable[[], object]], runs: int, warmup:
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def interleaved_ms(runtimes: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """Median and 90th percentile (ms) of each runtime over `interleaved_samples`."""
+    samples = interleaved_samples(runtimes, runs, warmup)
     return {name: (statistics.median(s), float(np.percentile(s, 90))) for name, s in samples.items()}
 
 

@@ -24,7 +24,8 @@ from conftest import randomize_batchnorm
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'deploykit[openvino]')")
 
-from deploykit.runtime.openvino import OpenVinoRunner, compile_model, read_model, require_openvino  # noqa: E402
+from deploykit.runtime.openvino import (  # noqa: E402
+    OpenVinoRunner, compile_model, read_model, require_openvino, save_ir)
 
 TOLERANCE = 1e-4
 
@@ -199,3 +200,42 @@ def test_bad_paths_and_a_missing_openvino_are_one_sentence(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(DeployError, match=r"^OpenVINO is not installed; pip install 'deploykit\[openvino\]'\.$"):
         require_openvino()
+
+
+# One zoo model per family, plus the TF-padded CondConv and the depthwise OD-MobileNet: full size, so slow.
+ZOO = ("scnet50", "efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_4e", "dy_resnet18", "od_resnet18",
+       "od_mobilenetv2_100", "dcn_resnet50", "dcnv1_resnet50", "tvconv_mobilenet_v2", "acmix_resnet26")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ZOO)
+def test_zoo_model_in_openvino_and_onnxruntime(arch):
+    """The zoo file (dynamic batch; dynamic spatial size where the model allows it) in both runtimes at batch 1 and
+    3 (and a second size), each by the float64-anchored rule `export.py` verifies with."""
+    from deploykit.models import MODELS, check_dynamic_spatial, random_model
+    from test_models import assert_as_accurate_as_pytorch, input_size
+
+    size = input_size(arch)
+    dynamic_spatial = not MODELS[arch].fixed_size and MODELS[arch].static_spatial is None
+    model = random_model(arch, input_shape=(3, size, size))
+    exported, _ = run_passes(onnx_from_model(model, torch.randn(1, 3, size, size), dynamic_spatial=dynamic_spatial,
+                                             min_spatial=check_dynamic_spatial(arch) if dynamic_spatial else None))
+    runner, session = OpenVinoRunner(exported), session_from_onnx(exported, ["cpu"])
+    shapes = [(1, 3, size, size), (3, 3, size, size)] + ([(2, 3, size + 32, size)] if dynamic_spatial else [])
+    for shape in shapes:
+        x = structured_noise(shape[0], shape[1:], torch.Generator().manual_seed(3))
+        assert_as_accurate_as_pytorch(model, x, runner.run({"input": x.numpy()})["output"])
+        assert_as_accurate_as_pytorch(model, x, session.run(None, {"input": x.numpy()})[0])
+
+
+def test_ir_runs_in_a_bare_openvino(tmp_path):
+    """The IR (for Triton's OpenVINO backend, which cannot load deploykit's Python conversions) needs no extension."""
+    import openvino
+
+    model = _Net(ODConv2d(8, 8, 3, padding=1, kernel_num=4), 8).eval()
+    exported, _ = run_passes(onnx_from_model(model, torch.randn(1, 3, 10, 10)))
+    xml = save_ir(exported, tmp_path / "model.xml")
+    x = structured_noise(2, (3, 10, 10), torch.Generator().manual_seed(0)).numpy()
+    bare = openvino.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expected = OpenVinoRunner(exported).run({"input": x})["output"]
+    assert rel_to_range(bare({"input": x})[0], expected) <= 1e-6

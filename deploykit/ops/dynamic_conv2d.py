@@ -295,7 +295,8 @@ def to_openvino(node) -> list:
     kernel = ov.parameter(PartialShape([1, out_channels, group_channels, kh, kw]), X.get_element_type())
     bias = ov.parameter(PartialShape([1, out_channels]), X.get_element_type())
     top, left, bottom, right = node.get_attribute("pads")
-    geometry = (list(node.get_attribute("strides")), [top, left], [bottom, right], list(node.get_attribute("dilations")))
+    geometry = (list(node.get_attribute("strides")), [top, left], [bottom, right],
+                list(node.get_attribute("dilations")))
     if group == 1:
         y = ov.convolution(sample, ov.reshape(kernel, ints(out_channels, group_channels, kh, kw), False), *geometry)
     else:
@@ -304,22 +305,12 @@ def to_openvino(node) -> list:
     y = ov.add(y, ov.reshape(bias, ints(1, out_channels, 1, 1), False))
     loop = ov.tensor_iterator()
     loop.set_body(Model([y], [sample, kernel, bias]))
-    for parameter, value in ((sample, X), (kernel, kernels), (bias, biases)):
-        loop.set_sliced_input(parameter, value.output(0) if hasattr(value, "output") else value, 0, 1, 1, -1, 0)
+    for parameter, value in ((sample, X), (kernel, kernels.output(0)), (bias, biases.output(0))):
+        loop.set_sliced_input(parameter, value, 0, 1, 1, -1, 0)  # start 0, stride 1, part 1, to the end, axis 0
     return [loop.get_concatenated_slices(y.output(0), 0, 1, 1, -1, 0)]
 
 
-def _constant_values(output) -> np.ndarray | None:
-    """The values of an OpenVINO node output that is a constant (a folded initializer), else None."""
-    producer = output.get_node()
-    return producer.get_data() if producer.get_type_name() == "Constant" else None
-
-
 def _constant_ones(output) -> bool:
-    values = _constant_values(output)
-    return values is not None and bool(np.all(values == 1))
-
-
-def _constant_zeros(output) -> bool:
-    values = _constant_values(output)
-    return values is not None and not values.any()
+    """Whether an OpenVINO node output is a constant (a folded initializer, e.g. the neutral tap attention) of ones."""
+    producer = output.get_node()
+    return producer.get_type_name() == "Constant" and bool(np.all(producer.get_data() == 1))

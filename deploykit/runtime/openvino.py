@@ -98,6 +98,19 @@ def compile_model(model: Any, hint: str = "LATENCY", threads: int | None = None)
                           f"{_first_failure(err)}.") from err
 
 
+def save_ir(model: onnx.ModelProto | str | os.PathLike, xml_path: str | os.PathLike) -> Path:
+    """Write the converted model as OpenVINO IR (``.xml`` + ``.bin`` beside it) and return the ``.xml`` path.
+
+    Where deploykit's Python conversions cannot be registered (Triton's OpenVINO backend reads files in C++), the
+    IR carries the already converted native ops, so a bare OpenVINO reads it. Weights stay float32 (no
+    compression), so the IR computes what the ONNX file computes.
+    """
+    openvino = require_openvino()
+    xml_path = Path(xml_path)
+    openvino.save_model(read_model(model), xml_path, compress_to_fp16=False)
+    return xml_path
+
+
 def version() -> str:
     """The installed OpenVINO release, e.g. "2026.4.1"."""
     return importlib.metadata.version("openvino")
