@@ -239,3 +239,15 @@ def test_ir_runs_in_a_bare_openvino(tmp_path):
     bare = openvino.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     expected = OpenVinoRunner(exported).run({"input": x})["output"]
     assert rel_to_range(bare({"input": x})[0], expected) <= 1e-6
+
+
+def test_one_runner_serves_several_threads_as_one():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _Net(ODConv2d(8, 8, 3, padding=1, kernel_num=4), 8).eval()
+    runner = OpenVinoRunner(run_passes(onnx_from_model(model, torch.randn(1, 3, 10, 10)))[0])
+    batches = [structured_noise(n % 3 + 1, (3, 10, 10), torch.Generator().manual_seed(n)).numpy() for n in range(12)]
+    alone = [runner.run({"input": x})["output"] for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda x: runner.run({"input": x})["output"], batches))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -137,7 +138,7 @@ class OpenVinoRunner:
         hint: the performance hint, "LATENCY" or "THROUGHPUT" (see `compile_model`).
         threads: inference threads. Defaults to OpenVINO's choice.
 
-    `run` creates one infer request per call, so one runner may be called from several threads at once.
+    `run` uses one infer request per calling thread, so one runner may be called from several threads at once.
     """
 
     name = "openvino"
@@ -149,12 +150,15 @@ class OpenVinoRunner:
         self.compiled = compile_model(read_model(model), hint, threads)
         self.inputs: list[TensorInfo] = [_tensor_info(port) for port in self.compiled.inputs]
         self.outputs: list[TensorInfo] = [_tensor_info(port) for port in self.compiled.outputs]
+        self._local = threading.local()
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The outputs by name for `feed` (every input by name, arrays of the input's dtype, any size the file's
         dynamic dimensions allow; never cast)."""
         self._check(feed)
-        request = self.compiled.create_infer_request()
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
         try:
             results = request.infer({name: np.ascontiguousarray(array) for name, array in feed.items()})
         except RuntimeError as err:
@@ -170,7 +174,7 @@ class OpenVinoRunner:
 
     def close(self) -> None:
         """Release the compiled model (its memory and threads)."""
-        self.compiled = None
+        self.compiled = self._local = None
 
     def _check(self, feed: Mapping[str, np.ndarray]) -> None:
         names = [info.name for info in self.inputs]
