@@ -310,7 +310,9 @@ def _patches_matmul(X, kernels, kernel_shape, _group, geometry):
     if any(pads_begin + pads_end):
         X = ov.pad(X, _ov_ints(0, 0, *pads_begin), _ov_ints(0, 0, *pads_end), "constant",
                    ov.constant(np.zeros((), X.get_element_type().to_dtype())))
-    patches = ov.extract_image_patches(X, [kh, kw], strides, dilations, "valid")  # [N, T*C, H', W']
+    pointwise = (kh, kw) == (1, 1) and list(strides) == [1, 1]
+    # [N, T*C, H', W']; a pointwise layer's patches are X itself (no copy)
+    patches = X if pointwise else ov.extract_image_patches(X, [kh, kw], strides, dilations, "valid")
     out_size = ov.strided_slice(ov.shape_of(patches), _ov_ints(2), _ov_ints(4), _ov_ints(1), [0], [0])
     y = ov.matmul(ov.reshape(kernels, _ov_ints(-1, out_channels, kh * kw * channels), False),
                   ov.reshape(patches, _ov_ints(0, kh * kw * channels, -1), True), False, False)
