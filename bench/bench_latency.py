@@ -59,16 +59,9 @@ INT8_MODELS = ("scnet50", "dcn_resnet50", "od_resnet50", "od_resnet18", "dy_resn
 _SETTLE_S = 0.05
 
 
-def interleaved_ms(runtimes: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, tuple[float, float]]:
-    """Median and 90th percentile (ms) of each runtime over `runs` rounds that call every runtime once, after
-    `warmup` untimed calls each."""
-    samples = interleaved_samples(runtimes, runs, warmup)
-    return {name: (statistics.median(s), float(np.percentile(s, 90))) for name, s in samples.items()}
-
-
 def interleaved_samples(runtimes: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, list[float]]:
-    """Every timed call (ms) of each runtime over `runs` rounds that call every runtime once, after `warmup`
-    untimed calls each."""
+    """Times (ms) of each runtime over `runs` rounds that call every runtime once, after `warmup` untimed calls
+    each."""
     for fn in runtimes.values():
         for _ in range(warmup):
             fn()
@@ -80,6 +73,12 @@ def interleaved_samples(runtimes: dict[str, Callable[[], object]], runs: int, wa
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
     return samples
+
+
+def interleaved_ms(runtimes: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """Median and 90th percentile (ms) of each runtime over `interleaved_samples`."""
+    samples = interleaved_samples(runtimes, runs, warmup)
+    return {name: (statistics.median(s), float(np.percentile(s, 90))) for name, s in samples.items()}
 
 
 def unfolded_passes(model):

@@ -359,3 +359,34 @@ DEFORM_CONV2D = CustomOp(
     torch_op=torch.ops.deploykit.deform_conv2d.default, op_type=OP_TYPE, inputs=INPUTS, outputs=("Y",),
     attributes=ATTRIBUTES, body=function_body, standard_lowering=gather_lowering, min_opset=BODY_OPSET,
     prefer_standard=False, plugin="deform_conv2d")
+
+
+# --- OpenVINO --------------------------------------------------------------------------------------------------
+
+def to_openvino(node) -> list:
+    """OpenVINO ONNX-frontend conversion (``openvino.frontend.NodeContext`` -> outputs) of the node, and of ONNX
+    ``DeformConv``, whose inputs and attributes are the same (B and mask optional, attributes defaulted there):
+    one native ``DeformableConvolution`` (opset 8), whose offset and mask layouts are the contract's.
+
+    ``bilinear_interpolation_pad=True`` because OpenVINO's default (False) moves samples that fall less than a
+    pixel outside the image onto its edge, where torchvision, mmcv and ONNX read zeros beyond the border.
+    """
+    from openvino import opset8 as ov
+
+    X, W, offset, B, mask = (_optional_input(node, i) for i in range(len(INPUTS)))
+    pads = list(node.get_attribute("pads", [0, 0, 0, 0]))
+    y = ov.deformable_convolution(
+        X, offset, W, strides=list(node.get_attribute("strides", [1, 1])), pads_begin=pads[:2], pads_end=pads[2:],
+        dilations=list(node.get_attribute("dilations", [1, 1])), mask=mask, group=node.get_attribute("group", 1),
+        deformable_group=node.get_attribute("offset_group", 1), bilinear_interpolation_pad=True)
+    if B is not None:
+        y = ov.add(y, ov.unsqueeze(B, ov.constant(np.array([1, 2], np.int64))))
+    return y.outputs()
+
+
+def _optional_input(node, index: int):
+    """Input `index` of an OpenVINO frontend node, or None where the ONNX node omits it (absent, or named "")."""
+    if index >= node.get_input_size():
+        return None
+    value = node.get_input(index)
+    return None if value.get_node().get_type_name() == "NullNode" else value

@@ -328,3 +328,83 @@ DYNAMIC_CONV2D = CustomOp(
     torch_op=torch.ops.deploykit.dynamic_conv2d.default, op_type=OP_TYPE, inputs=INPUTS, outputs=("Y",),
     attributes=ATTRIBUTES, body=function_body, standard_lowering=fold_lowering, reference=DynamicConv2dReference,
     plugin="dynamic_conv2d")
+
+
+# --- OpenVINO --------------------------------------------------------------------------------------------------
+
+def to_openvino(node) -> list:
+    """OpenVINO ONNX-frontend conversion (``openvino.frontend.NodeContext`` -> outputs) of the node.
+
+    Kernels [N, K] @ bank [K, M*C/g*T] in one MatMul (times the tap attention unless it is the constant ones of a
+    layer without it), bias A @ B, then per sample, keeping batch and spatial size dynamic (measured in
+    docs/openvino.md): dense layers as one batched MatMul over image patches, grouped and depthwise layers as a
+    TensorIterator over the batch of one GroupConvolution (as patches they become many tiny MatMuls). OpenVINO's
+    CPU plugin refuses the batch folded into the groups (groups = the dynamic batch, computed weights).
+    """
+    from openvino import opset13 as ov
+
+    X, W, A, B, S = (node.get_input(i) for i in range(len(INPUTS)))
+    bank, out_channels, group_channels, kh, kw = W.get_partial_shape().to_shape()
+    group = node.get_attribute("group")
+    dense = group == 1
+    if dense:  # the patches are ordered taps, then channels: so must the kernels be
+        W = ov.transpose(W, _ov_ints(0, 1, 3, 4, 2))
+    kernel_shape = (out_channels, kh, kw, group_channels) if dense else (out_channels, group_channels, kh, kw)
+    kernels = ov.matmul(A, ov.reshape(W, _ov_ints(bank, -1), False), False, False)
+    if not _constant_ones(S):
+        taps = ov.reshape(S, _ov_ints(*((-1, 1, kh, kw, 1) if dense else (-1, 1, 1, kh, kw))), False)
+        kernels = ov.multiply(ov.reshape(kernels, _ov_ints(-1, *kernel_shape), False), taps)
+    biases = ov.reshape(ov.matmul(A, B, False, False), _ov_ints(-1, out_channels, 1, 1), False)
+    top, left, bottom, right = node.get_attribute("pads")
+    geometry = (list(node.get_attribute("strides")), [top, left], [bottom, right],
+                list(node.get_attribute("dilations")))
+    convolve = _patches_matmul if dense else _per_sample_group_convolution
+    return ov.add(convolve(X, kernels, kernel_shape, group, geometry), biases).outputs()
+
+
+def _ov_ints(*values: int):
+    from openvino import opset13 as ov
+
+    return ov.constant(np.array(values, np.int64))
+
+
+def _patches_matmul(X, kernels, kernel_shape, _group, geometry):
+    """[N, M, T*C] @ patches [N, T*C, H'*W'] (ExtractImagePatches, explicit pads by a Pad), seen as [N, M, H', W']."""
+    from openvino import opset13 as ov
+
+    out_channels, kh, kw, channels = kernel_shape
+    strides, pads_begin, pads_end, dilations = geometry
+    if any(pads_begin + pads_end):
+        X = ov.pad(X, _ov_ints(0, 0, *pads_begin), _ov_ints(0, 0, *pads_end), "constant",
+                   ov.constant(np.zeros((), X.get_element_type().to_dtype())))
+    pointwise = (kh, kw) == (1, 1) and list(strides) == [1, 1]
+    # [N, T*C, H', W']; a pointwise layer's patches are X itself (no copy)
+    patches = X if pointwise else ov.extract_image_patches(X, [kh, kw], strides, dilations, "valid")
+    out_size = ov.strided_slice(ov.shape_of(patches), _ov_ints(2), _ov_ints(4), _ov_ints(1), [0], [0])
+    y = ov.matmul(ov.reshape(kernels, _ov_ints(-1, out_channels, kh * kw * channels), False),
+                  ov.reshape(patches, _ov_ints(0, kh * kw * channels, -1), True), False, False)
+    return ov.reshape(y, ov.concat([_ov_ints(-1, out_channels), out_size], 0), False)
+
+
+def _per_sample_group_convolution(X, kernels, kernel_shape, group, geometry):
+    """A TensorIterator over the batch: one GroupConvolution per sample with its own kernel."""
+    from openvino import Model, PartialShape
+    from openvino import opset13 as ov
+
+    out_channels, group_channels, kh, kw = kernel_shape
+    sample = ov.parameter(PartialShape([1, *list(X.get_partial_shape())[1:]]), X.get_element_type())
+    kernel = ov.parameter(PartialShape([1, out_channels * group_channels * kh * kw]), X.get_element_type())
+    filters = ov.reshape(kernel, _ov_ints(group, out_channels // group, group_channels, kh, kw), False)
+    y = ov.group_convolution(sample, filters, *geometry)
+    loop = ov.tensor_iterator()
+    loop.set_body(Model([y], [sample, kernel]))
+    flat_kernels = ov.reshape(kernels, _ov_ints(-1, out_channels * group_channels * kh * kw), False)
+    for parameter, value in ((sample, X), (kernel, flat_kernels.output(0))):
+        loop.set_sliced_input(parameter, value, 0, 1, 1, -1, 0)  # start 0, stride 1, part 1, to the end, axis 0
+    return loop.get_concatenated_slices(y.output(0), 0, 1, 1, -1, 0)
+
+
+def _constant_ones(output) -> bool:
+    """Whether an OpenVINO node output is a constant (a folded initializer, e.g. the neutral tap attention) of ones."""
+    producer = output.get_node()
+    return producer.get_type_name() == "Constant" and bool(np.all(producer.get_data() == 1))
