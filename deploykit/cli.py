@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, help="seed of the random inputs (default: 0)")
     check.add_argument("--rtol", type=float, help=f"relative tolerance (default: {DEFAULT_RTOL:g})")
     check.add_argument("--atol", type=float, help="absolute tolerance (default: rtol * max |PyTorch output|)")
+    check.add_argument("--runtimes", metavar="LIST",
+                       help="runtimes that run and verify the same file, comma-separated: onnxruntime, openvino, "
+                            "tensorrt (= --engine); onnxruntime always runs; the verdict is the worst (default: "
+                            "onnxruntime)")
     check.add_argument("--providers", metavar="LIST",
                        help="onnxruntime execution providers, comma-separated, e.g. cpu or cuda,cpu "
                             "(default: the best available of tensorrt, cuda, cpu)")
@@ -165,6 +169,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         dynamic_batch=not args.static_batch, dynamic_spatial=args.dynamic_spatial, opset=args.opset,
         lowering=args.lowering, inputs=args.inputs, images=args.images, mean=args.mean, std=args.std,
         seed=args.seed, rtol=args.rtol, atol=args.atol,
+        runtimes=args.runtimes.split(",") if args.runtimes is not None else None,
         providers=args.providers.split(",") if args.providers is not None else None, threads=args.threads,
         trust_pickle=args.trust_pickle, engine=args.engine, fp16=args.fp16, plugins=args.plugins,
         max_batch=args.max_batch, min_shape=args.min_shape, max_shape=args.max_shape, triton_repo=args.triton_repo,

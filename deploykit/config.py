@@ -58,6 +58,9 @@ class ExportConfig:
             preprocessing, ImageNet's statistics for other models.
         seed: seed of the random inputs. Defaults to 0.
         rtol, atol: verification tolerances (see `deploykit.verify`). Default to 1e-4 and ``rtol * max|output|``.
+        runtimes: the runtimes that run and verify the same file (`deploykit.runtime.base.RUNTIMES`), e.g.
+            ["onnxruntime", "openvino"]; onnxruntime always runs (the replay line and the first-divergence search
+            use it) and "tensorrt" means `engine`. The verdict is the worst over them. Defaults to onnxruntime only.
         providers: onnxruntime execution providers, e.g. ["cpu"]. Defaults to the best available.
         threads: onnxruntime intra-op threads. Defaults to onnxruntime's choice.
         trust_pickle: allow checkpoints that unpickle Python objects (runs code from the file). Defaults to False.
@@ -106,6 +109,7 @@ class ExportConfig:
     seed: int | None = None
     rtol: float | None = None
     atol: float | None = None
+    runtimes: list[str] | None = None
     providers: list[str] | None = None
     threads: int | None = None
     trust_pickle: bool = False
@@ -150,6 +154,11 @@ class ExportConfig:
             raise DeployError(f"--providers {','.join(self.providers)!r} names an empty provider; pass names such as "
                               f"cpu or cuda,cpu, or leave the option out for the best available.")
         _check_statistics(self.mean, self.std)
+        if self.runtimes is not None:
+            from deploykit.runtime.base import parse_runtimes
+
+            self.runtimes = parse_runtimes(list(self.runtimes))
+            self.engine = self.engine or "tensorrt" in self.runtimes
         if self.inputs is not None:
             self.inputs = Path(self.inputs)
         if isinstance(self.images, (str, os.PathLike)):

@@ -30,12 +30,13 @@ from deploykit.models import MODELS, arch_from_file_name, build_model, check_dyn
 from deploykit.nn import OffsetInputDeformConv2d
 from deploykit.quantize import log_int8_verdict, quantize_and_check
 from deploykit.runtime import trt
-from deploykit.runtime.ort import resolve_providers, session_from_onnx
+from deploykit.runtime.base import load_runner, require_runtime
+from deploykit.runtime.ort import resolve_providers
 from deploykit.serving.triton import check_triton_target, write_triton_repository
 from deploykit.signature import flatten_outputs, input_names, output_template, resolve_output_names
 from deploykit.user_code import build_user_model, factory_name, is_factory
 from deploykit.verify import (FAILED, FP16_RTOL, INSTABILITY_FACTOR, PASSED, TorchReference, Verification,
-                              check_absolute_tolerance, combined_verdict, compare, onnxrt_results, polygraphy_command,
+                              check_absolute_tolerance, combined_verdict, compare, polygraphy_command, runner_results,
                               torch_reference)
 
 CALIBRATION_BATCH = 8
@@ -78,6 +79,8 @@ def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     trt_version, plugin_library = None, None
+    for runtime in _other_runtimes(config):  # fail before any slow step when a runtime is not installed
+        require_runtime(runtime)
     if config.engine:  # fail before any slow step when TensorRT or the plugin library is missing
         trt_version = trt.require_tensorrt()
         plugin_library = trt.find_plugin_library(config.plugins)
@@ -139,8 +142,8 @@ def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
     if reference.fallback_reason:
         LOGGER.info("  float32 reference only: %s", reference.fallback_reason)
     with stage("Running onnxruntime", timings, "onnxruntime"):
-        session = session_from_onnx(onnx_model, providers, config.threads)
-        candidate = onnxrt_results(session, feeds)
+        runner = load_runner("onnxruntime", onnx_model, providers=providers, threads=config.threads)
+        candidate = runner_results(runner, feeds)
     verification = compare(candidate, reference, rtol=config.rtol, atol=config.atol)
     if verification.verdict == FAILED:
         with stage("Localising the first divergence", timings, "localize"):
@@ -161,7 +164,7 @@ def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
                    if min_spatial else None,
                    "custom_nodes": sorted({f"{n.domain}::{n.op_type}" for n in onnx_model.graph.node if n.domain}),
                    "passes": pass_report.as_dict()},
-        "runtime": {"name": "onnxruntime", "providers": session.get_providers()},
+        "runtime": {"name": "onnxruntime", "providers": runner.providers, "version": runner.describe()["version"]},
         "conversion": {**conversion.as_dict(), "reference": "converted" if reference_note else "original",
                        "reference_note": reference_note} if conversion is not None else None,
         "verification": verification.as_dict(),
@@ -171,7 +174,9 @@ def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
         "verdict": verification.verdict,
         "timings_s": timings,
     }
-    checks = {f"onnxruntime ({session.get_providers()[0]})": verification}
+    checks = {f"onnxruntime ({runner.providers[0]})": verification}
+    for runtime in _other_runtimes(config):
+        report[runtime], checks[runtime] = _runtime_check(runtime, onnx_model, feeds, reference, config, timings)
     engine = None
     if config.engine:
         engine, report["tensorrt"], checks["TensorRT"] = _engine_and_check(
@@ -236,6 +241,28 @@ def _triton_repository(config: ExportConfig, model_name: str, verdict: str, onnx
     LOGGER.info("  serve it: see %s", Path(config.triton_repo) / "README.md")
     models = [name, *([f"{name}_trt"] if engine is not None else [])]
     return {**section, "written": True, "models": models, "forced": verdict != PASSED}
+
+
+def _other_runtimes(config: ExportConfig) -> list[str]:
+    """The runtimes verified besides onnxruntime (always verified: the replay line and the first-divergence search
+    run there) and TensorRT (`--engine` builds and checks its engine)."""
+    return [runtime for runtime in config.runtimes or () if runtime not in ("onnxruntime", "tensorrt")]
+
+
+def _runtime_check(runtime: str, onnx_model, feeds, reference: TorchReference, config: ExportConfig,
+                   timings: dict[str, float]) -> tuple[dict, Verification]:
+    """Run the same file in another runtime and judge it by the same rule; returns its report section."""
+    with stage(f"Running {runtime}", timings, runtime):
+        runner = load_runner(runtime, onnx_model, threads=config.threads, hint="LATENCY")
+        try:
+            verification = compare(runner_results(runner, feeds), reference, rtol=config.rtol, atol=config.atol)
+            described = runner.describe()
+        finally:
+            runner.close()
+    section = {"runtime": described, "verification": verification.as_dict(),
+               "replay_note": f"polygraphy has no {runtime} runner: replay with deploykit.runtime.Predictor(dir, "
+                              f"runtime={runtime!r}) on inputs.json against torch_outputs.json"}
+    return section, verification
 
 
 def _log_verdict(runtime: str, check: Verification, sources: list[list[str]] | None) -> None:

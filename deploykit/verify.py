@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc, RunResults
 
 from deploykit.config import RTOL_RANGE
@@ -302,11 +301,14 @@ def check_absolute_tolerance(atol: float | None, reference: TorchReference) -> N
                       f"or an --rtol.")
 
 
-def onnxrt_results(session, feeds: Sequence[Feed]) -> RunResults:
-    """Run an onnxruntime session through Polygraphy's runner on each feed."""
+def runner_results(runner, feeds: Sequence[Feed]) -> RunResults:
+    """Run any runtime's runner (`deploykit.runtime.base.Runner`) on each feed, as Polygraphy `RunResults` under the
+    runner's name."""
     shape = "x".join(map(str, next(iter(feeds[0].values())).shape))
-    with polygraphy_quiet(), memory_errors(f"Running the exported model in onnxruntime on inputs of shape {shape}"):
-        return Comparator.run([OnnxrtRunner(session, name=ONNXRT_RUNNER)], data_loader=list(feeds))
+    results = RunResults()
+    with memory_errors(f"Running the exported model in {runner.name} on inputs of shape {shape}"):
+        results.add([runner.run(feed) for feed in feeds], runner_name=runner.name)
+    return results
 
 
 def check_samples(candidate: Iterations, reference: TorchReference, rtol: float,

@@ -155,12 +155,12 @@ def test_multi_io_models_take_every_input_and_one_batch(two_in_two_out):
     ("corrupt_onnx", ["not an ONNX model", "corrupt or truncated"]),
     ("corrupt_report", ["Cannot read the export report"]),
     ("other_suffix", ["neither an export directory nor a .onnx or .plan file"]),
-    ("unknown_runtime", ["Unknown runtime 'openvino'"]),
+    ("unknown_runtime", ["Unknown runtime 'tflite'"]),
     ("onnx_as_tensorrt", ["is an ONNX model", "model.plan"]),
     ("dir_without_engine", ["holds no model.plan", "--engine"]),
 ])
 def test_bad_paths_are_refused_in_one_sentence(tmp_path, export_dir, case, fragments):
-    runtime = {"unknown_runtime": "openvino", "onnx_as_tensorrt": "tensorrt", "dir_without_engine": "tensorrt"}
+    runtime = {"unknown_runtime": "tflite", "onnx_as_tensorrt": "tensorrt", "dir_without_engine": "tensorrt"}
     path = {"missing": tmp_path / "nothing", "empty_dir": tmp_path, "corrupt_onnx": tmp_path / "model.onnx",
             "corrupt_report": tmp_path, "other_suffix": tmp_path / "model.pt", "unknown_runtime": export_dir,
             "onnx_as_tensorrt": export_dir / "model.onnx", "dir_without_engine": export_dir}[case]

@@ -24,7 +24,7 @@ import onnx
 from deploykit.errors import DeployError
 from deploykit.export.custom_op import DOMAIN
 from deploykit.ops import deform_conv2d, dynamic_conv2d
-from deploykit.runtime.predictor import TensorInfo
+from deploykit.runtime.base import TensorInfo, batch_range
 
 DEVICE = "CPU"
 HINTS = ("LATENCY", "THROUGHPUT")
@@ -142,6 +142,8 @@ class OpenVinoRunner:
     """
 
     name = "openvino"
+    OPTIONS = ("hint", "threads")
+    require = staticmethod(require_openvino)
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike, hint: str = "LATENCY",
                  threads: int | None = None) -> None:
@@ -150,6 +152,7 @@ class OpenVinoRunner:
         self.compiled = compile_model(read_model(model), hint, threads)
         self.inputs: list[TensorInfo] = [_tensor_info(port) for port in self.compiled.inputs]
         self.outputs: list[TensorInfo] = [_tensor_info(port) for port in self.compiled.outputs]
+        self.batch_range = batch_range(self.inputs, self.outputs)
         self._local = threading.local()
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""onnxruntime sessions for exported models.
+"""onnxruntime sessions for exported models, and `OrtRunner`, onnxruntime behind deploykit's runtime interface
+(`deploykit.runtime.base`).
 
 By default the session uses the best execution providers this onnxruntime build offers, in the order TensorRT,
 CUDA, CPU (``onnxruntime-gpu`` offers the first two; the plain wheel only CPU). The report records the providers
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
 from deploykit.errors import DeployError
+from deploykit.runtime.base import TensorInfo, batch_range
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _SHORT_NAMES = {"trt": "TensorrtExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
@@ -79,3 +85,53 @@ def session_from_onnx(model: onnx.ModelProto | bytes, providers: Sequence[str] |
             ort.capi.onnxruntime_pybind11_state.InvalidGraph, RuntimeError) as err:
         raise DeployError(f"onnxruntime {ort.__version__} cannot load the exported model: "
                           f"{str(err).strip().splitlines()[0]}.") from err
+
+
+_ORT_TYPE_NAMES = {"float": "float32", "double": "float64", "bool": "bool", "string": "object"}
+_RUN_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name)
+                    for name in ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented"))
+
+
+class OrtRunner:
+    """An onnxruntime session of an ONNX model (ModelProto, bytes or file), shared by every calling thread
+    (``InferenceSession.run`` is thread-safe)."""
+
+    name = "onnxruntime"
+    OPTIONS = ("providers", "threads")
+
+    def __init__(self, model: onnx.ModelProto | bytes | str | os.PathLike, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            try:
+                model = Path(model).read_bytes()
+            except OSError as err:
+                raise DeployError(f"Cannot read {model}: {err.strerror or err}.") from err
+        try:
+            self.session = session_from_onnx(model, providers, threads)
+        except ort.capi.onnxruntime_pybind11_state.InvalidProtobuf as err:
+            raise DeployError("The file is not an ONNX model (it is corrupt or truncated).") from err
+        self.threads = threads
+        self.providers: list[str] = self.session.get_providers()
+        self.inputs = [_info(value) for value in self.session.get_inputs()]
+        self.outputs = [_info(value) for value in self.session.get_outputs()]
+        self.batch_range = batch_range(self.inputs, self.outputs)
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(None, dict(feed))
+        except _RUN_ERRORS as err:
+            raise DeployError(f"onnxruntime failed to run the model: {str(err).strip().splitlines()[0]}.") from err
+        return dict(zip((info.name for info in self.outputs), values))
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.name, "version": ort.__version__, "providers": self.providers,
+                "threads": self.threads}
+
+    def close(self) -> None:
+        """Nothing per thread to release: the session goes with the runner."""
+
+
+def _info(value) -> TensorInfo:
+    """TensorInfo of an onnxruntime NodeArg ("tensor(float)" -> float32; symbolic sizes as their names)."""
+    element = value.type.removeprefix("tensor(").removesuffix(")")
+    return TensorInfo(value.name, np.dtype(_ORT_TYPE_NAMES.get(element, element)), tuple(value.shape))

@@ -1,4 +1,5 @@
-"""`Predictor`: run an exported model from Python, in onnxruntime or as a TensorRT engine, with checked inputs.
+"""`Predictor`: run an exported model from Python, in any runtime (`deploykit.runtime.base`: onnxruntime,
+OpenVINO, a TensorRT engine), with checked inputs.
 
     predictor = Predictor("deploykit-out/scnet50")        # an export directory, or a bare .onnx / .plan file
     y = predictor(x)                                      # what the PyTorch model returned: an array, or the
@@ -13,16 +14,15 @@ Any batch size is accepted: a static-batch model, or an engine whose profile sto
 batch in chunks, the last one padded with copies of its last row that are dropped from the outputs.
 
 One Predictor may be called from many threads: onnxruntime's ``InferenceSession.run`` is thread-safe and the
-session is shared; a TensorRT execution context is not, so each calling thread gets its own (the engine is shared).
+session is shared; an OpenVINO infer request and a TensorRT execution context are not, so each calling thread gets
+its own (the compiled model or engine is shared).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,28 +31,14 @@ import onnxruntime as ort
 from deploykit.artifacts import ENGINE_FILE, INT8_MODEL_FILE, MODEL_FILE, REPORT_FILE
 from deploykit.errors import DeployError
 from deploykit.fileio import missing_reason
-from deploykit.log import polygraphy_quiet
 from deploykit.runtime import trt
-from deploykit.runtime.ort import session_from_onnx
+from deploykit.runtime.base import RUNTIMES, TensorInfo, load_runner
 from deploykit.signature import fill_template
 
-RUNTIMES = ("onnxruntime", "tensorrt")
 PRECISIONS = (None, "fp32", "int8")
 _SUFFIX_RUNTIMES = {".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt"}
 _KINDS = {"onnxruntime": "an ONNX model", "tensorrt": "a TensorRT engine"}
-_ORT_TYPE_NAMES = {"float": "float32", "double": "float64", "bool": "bool", "string": "object"}
-_ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name)
-                    for name in ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented"))
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One model input or output: its name, NumPy dtype and shape (int sizes; str or None where symbolic)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]
-
+_ONNX_RUNTIMES = ("onnxruntime", "openvino")  # both run the same .onnx file
 
 class Predictor:
     """An exported model ready to run: ``predictor(x)`` or ``predictor.run({name: array})``.
@@ -60,11 +46,13 @@ class Predictor:
     Args:
         path: an export directory (``model.onnx``, ``report.json``, maybe ``model.plan``) or a ``.onnx`` /
             ``.plan`` file.
-        runtime: "onnxruntime" or "tensorrt" (runs ``model.plan``). Defaults to the file's kind, and to
-            onnxruntime for a directory.
+        runtime: one of `deploykit.runtime.base.RUNTIMES`: "onnxruntime" or "openvino" (run ``model.onnx``, the
+            same file) or "tensorrt" (runs ``model.plan``). Defaults to the file's kind, and to onnxruntime for a
+            directory.
         providers: onnxruntime execution providers, e.g. ["cpu"]. Defaults to those of the export's report that
             this onnxruntime build offers, else the best available.
-        threads: onnxruntime intra-op threads. Defaults to onnxruntime's choice.
+        threads: the runtime's inference threads. Defaults to the runtime's choice.
+        hint: OpenVINO's performance hint, "LATENCY" or "THROUGHPUT". Defaults to "LATENCY".
         plugins: deploykit's TensorRT plugin library. Defaults to the report's, else `trt.find_plugin_library`'s.
         precision: which model of an export directory onnxruntime runs: "fp32" (``model.onnx``) or "int8"
             (``model.int8.onnx``, written by ``--quantize int8``). Defaults to "fp32".
@@ -75,15 +63,20 @@ class Predictor:
 
     def __init__(self, path: str | os.PathLike, runtime: str | None = None, providers: Sequence[str] | None = None,
                  threads: int | None = None, plugins: str | os.PathLike | None = None,
-                 precision: str | None = None) -> None:
+                 precision: str | None = None, hint: str | None = None) -> None:
         self.runtime, self.path, report = _locate(Path(path), runtime, precision)
+        options = {"threads": threads, "hint": hint or "LATENCY"}
         if self.runtime == "onnxruntime":
-            self._backend = _OrtBackend(self.path, providers or _report_providers(report), threads)
-        else:
-            self._backend = _TrtBackend(self.path, _plugin_library(plugins, report))
+            options["providers"] = providers or _report_providers(report)
+        if self.runtime == "tensorrt":
+            options["plugins"] = _plugin_library(plugins, report)
+        self._backend = load_runner(self.runtime, self.path, **options)
         self.inputs: list[TensorInfo] = self._backend.inputs
         self.outputs: list[TensorInfo] = self._backend.outputs
-        self.providers: list[str] = self._backend.providers  # onnxruntime's execution providers; [] for TensorRT
+        self.providers: list[str] = getattr(self._backend, "providers", [])  # onnxruntime's execution providers
+        # (low, high) size per dimension of each input: an engine's optimisation profile, else the file's shapes.
+        self._bounds = getattr(self._backend, "bounds", None) or \
+            {info.name: [(d, d) if isinstance(d, int) else (0, None) for d in info.shape] for info in self.inputs}
         # What the PyTorch model returned, with output names for its tensors (`deploykit.signature`); a bare file
         # has no report: one output comes back as an array, several as a dict by name.
         names = [info.name for info in self.outputs]
@@ -105,7 +98,7 @@ class Predictor:
         batch = self._backend.batch_range
         names = [info.name for info in self.outputs]
         if batch is None:
-            return dict(zip(names, self._backend.run(arrays)))
+            return self._backend.run(arrays)
         size = _common_batch(arrays)
         smallest, largest = batch
         step = largest or size
@@ -115,7 +108,8 @@ class Predictor:
             rows = min(step, size - start)
             if rows < smallest:
                 chunk = {name: _pad_rows(array, smallest) for name, array in chunk.items()}
-            parts.append([output[:rows] for output in self._backend.run(chunk)])
+            outputs = self._backend.run(chunk)
+            parts.append([outputs[name][:rows] for name in names])
         if len(parts) == 1:
             return dict(zip(names, parts[0]))
         return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
@@ -147,7 +141,7 @@ class Predictor:
             if array.dtype != info.dtype:
                 raise DeployError(f"Input {info.name!r} has dtype {array.dtype}, but the model takes {info.dtype}; "
                                   f"convert it first (x.astype(np.{info.dtype})), deploykit does not cast inputs.")
-            bounds = self._backend.bounds[info.name]
+            bounds = self._bounds[info.name]
             if array.ndim != len(bounds):
                 raise DeployError(f"Input {info.name!r} has {array.ndim} dimensions (shape {_text(array.shape)}), "
                                   f"but the model takes {len(bounds)} ({_text(info.shape)}).")
@@ -162,94 +156,6 @@ class Predictor:
         return arrays
 
 
-class _OrtBackend:
-    """One onnxruntime session, shared by every thread."""
-
-    def __init__(self, model_file: Path, providers: Sequence[str] | None, threads: int | None) -> None:
-        try:
-            data = model_file.read_bytes()
-        except OSError as err:
-            raise DeployError(f"Cannot read {model_file}: {err.strerror or err}.") from err
-        try:
-            self._session = session_from_onnx(data, providers, threads)
-        except ort.capi.onnxruntime_pybind11_state.InvalidProtobuf as err:
-            raise DeployError(f"{model_file} is not an ONNX model (the file is corrupt or truncated).") from err
-        self.providers = self._session.get_providers()
-        self.inputs = [_ort_info(value) for value in self._session.get_inputs()]
-        self.outputs = [_ort_info(value) for value in self._session.get_outputs()]
-        self.bounds = {info.name: [(d, d) if isinstance(d, int) else (0, None) for d in info.shape]
-                       for info in self.inputs}
-        first = {info.shape[0] if info.shape else None for info in (*self.inputs, *self.outputs)}
-        static = len(first) == 1 and isinstance(next(iter(first)), int)
-        dynamic = all(info.shape and not isinstance(info.shape[0], int) for info in self.inputs)
-        # (smallest, largest) batch one run takes; None: dimension 0 is not a batch, nothing is split
-        self.batch_range = (next(iter(first)),) * 2 if static else (1, None) if dynamic else None
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            return self._session.run(None, feeds)
-        except _ORT_ERRORS as err:
-            raise DeployError(f"onnxruntime failed to run the model: {str(err).strip().splitlines()[0]}.") from err
-
-    def close(self) -> None:
-        """Nothing per thread to release: the session goes with the Predictor."""
-
-
-class _TrtBackend:
-    """One deserialized TensorRT engine; an execution context (a Polygraphy TrtRunner) per calling thread."""
-
-    def __init__(self, engine_file: Path, plugin_library: Path | None) -> None:
-        trt.require_tensorrt(f"Running {engine_file}")
-        import tensorrt
-        from polygraphy.backend.trt import EngineFromBytes, LoadPlugins
-
-        loader = EngineFromBytes(engine_file.read_bytes())
-        if plugin_library is not None:
-            loader = LoadPlugins(plugins=[str(plugin_library)], obj=loader)
-        try:
-            with polygraphy_quiet():
-                self._engine = loader()
-        except Exception as err:  # Polygraphy reports deserialization failures as PolygraphyException
-            raise DeployError(f"TensorRT cannot load the engine {engine_file}: "
-                              f"{str(err).strip().splitlines()[0]}.") from err
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        is_input = {name: self._engine.get_tensor_mode(name) == tensorrt.TensorIOMode.INPUT for name in names}
-        self.providers: list[str] = []
-        self.inputs = [self._info(name) for name in names if is_input[name]]
-        self.outputs = [self._info(name) for name in names if not is_input[name]]
-        profiles = {info.name: self._engine.get_tensor_profile_shape(info.name, 0) for info in self.inputs}
-        self.bounds = {name: list(zip(low, high)) for name, (low, _, high) in profiles.items()}
-        batches = {(low[0], high[0]) for low, _, high in profiles.values()}
-        self.batch_range = batches.pop() if len(batches) == 1 else None
-        self._local = threading.local()
-        self._runners = []
-        self._lock = threading.Lock()
-
-    def _info(self, name: str) -> TensorInfo:
-        import tensorrt
-
-        shape = tuple(d if d >= 0 else None for d in self._engine.get_tensor_shape(name))
-        return TensorInfo(name, np.dtype(tensorrt.nptype(self._engine.get_tensor_dtype(name))), shape)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        from polygraphy.backend.trt import TrtRunner
-
-        runner = getattr(self._local, "runner", None)
-        if runner is None:
-            runner = self._local.runner = TrtRunner(self._engine)
-            runner.activate()
-            with self._lock:
-                self._runners.append(runner)
-        outputs = runner.infer(feeds)
-        return [np.array(outputs[info.name]) for info in self.outputs]  # copies: the runner reuses its buffers
-
-    def close(self) -> None:
-        with self._lock:
-            for runner in self._runners:
-                runner.deactivate()
-            self._runners.clear()
-
-
 def _locate(path: Path, runtime: str | None, precision: str | None = None) -> tuple[str, Path, dict]:
     """The runtime, the model file it runs, and the export's report ({} for a bare file)."""
     if runtime is not None and runtime not in RUNTIMES:
@@ -257,8 +163,8 @@ def _locate(path: Path, runtime: str | None, precision: str | None = None) -> tu
     if precision not in PRECISIONS:
         raise DeployError(f"Unknown precision {precision!r}; use one of {', '.join(p for p in PRECISIONS if p)}.")
     if precision == "int8" and (runtime == "tensorrt" or not path.is_dir()):
-        raise DeployError("precision='int8' picks the int8 model of an export directory for onnxruntime; pass the "
-                          "directory (or the .onnx file itself, without precision).")
+        raise DeployError("precision='int8' picks the int8 model of an export directory for onnxruntime or "
+                          "openvino; pass the directory (or the .onnx file itself, without precision).")
     if path.is_dir():
         runtime = runtime or "onnxruntime"
         model_file = path / (ENGINE_FILE if runtime == "tensorrt" else INT8_MODEL_FILE if precision == "int8"
@@ -274,10 +180,10 @@ def _locate(path: Path, runtime: str | None, precision: str | None = None) -> tu
     kind = _SUFFIX_RUNTIMES.get(path.suffix.lower())
     if kind is None:
         raise DeployError(f"{path} is neither an export directory nor a .onnx or .plan file.")
-    if runtime is not None and runtime != kind:
+    if runtime is not None and (runtime in _ONNX_RUNTIMES) != (kind in _ONNX_RUNTIMES):
         raise DeployError(f"{path} is {_KINDS[kind]}, which runtime={runtime!r} cannot run; pass the export's "
                           f"{ENGINE_FILE if runtime == 'tensorrt' else MODEL_FILE} instead.")
-    return kind, path, {}
+    return runtime or kind, path, {}
 
 
 def _read_report(path: Path) -> dict:
@@ -306,11 +212,6 @@ def _plugin_library(requested: str | os.PathLike | None, report: dict) -> Path |
     if requested is None and recorded and Path(recorded).is_file():
         return Path(recorded)
     return trt.find_plugin_library(requested)
-
-
-def _ort_info(value) -> TensorInfo:
-    name = value.type.removeprefix("tensor(").removesuffix(")")
-    return TensorInfo(value.name, np.dtype(_ORT_TYPE_NAMES.get(name, name)), tuple(value.shape))
 
 
 def _common_batch(arrays: Mapping[str, np.ndarray]) -> int:

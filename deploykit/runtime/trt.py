@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shlex
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from polygraphy.comparator import Comparator, RunResults
 from deploykit.errors import DeployError
 from deploykit.fileio import missing_reason
 from deploykit.log import polygraphy_quiet
+from deploykit.runtime.base import TensorInfo
 from deploykit.runtime.kernels import PLUGINS_DIR
 
 TRT_RUNNER = "tensorrt"
@@ -158,3 +160,71 @@ def trtexec_command(model: str, engine: str, input_name: str, shapes: EngineShap
     parts += ["--fp16"] if fp16 else []
     parts += [f"--saveEngine={shlex.quote(engine)}"]
     return " ".join(parts)
+
+
+class TensorRtRunner:
+    """A deserialized TensorRT engine (file or bytes) behind deploykit's runtime interface
+    (`deploykit.runtime.base`); an execution context (a Polygraphy TrtRunner) per calling thread, since a context
+    is not thread-safe (the engine is shared)."""
+
+    name = TRT_RUNNER
+    OPTIONS = ("plugins",)
+
+    def __init__(self, engine: bytes | str | os.PathLike, plugins: str | os.PathLike | None = None) -> None:
+        what = "the engine" if isinstance(engine, bytes) else str(engine)
+        require_tensorrt(f"Running {what}")
+        import tensorrt
+        from polygraphy.backend.trt import EngineFromBytes, LoadPlugins
+
+        data = engine if isinstance(engine, bytes) else Path(engine).read_bytes()
+        loader = EngineFromBytes(data)
+        self.plugins = Path(plugins) if plugins is not None else None
+        if plugins is not None:
+            loader = LoadPlugins(plugins=[str(plugins)], obj=loader)
+        try:
+            with polygraphy_quiet():
+                self._engine = loader()
+        except Exception as err:  # Polygraphy reports deserialization failures as PolygraphyException
+            raise DeployError(f"TensorRT cannot load {what}: {str(err).strip().splitlines()[0]}.") from err
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        is_input = {name: self._engine.get_tensor_mode(name) == tensorrt.TensorIOMode.INPUT for name in names}
+        self.providers: list[str] = []
+        self.inputs = [self._info(name) for name in names if is_input[name]]
+        self.outputs = [self._info(name) for name in names if not is_input[name]]
+        profiles = {info.name: self._engine.get_tensor_profile_shape(info.name, 0) for info in self.inputs}
+        self.bounds = {name: list(zip(low, high)) for name, (low, _, high) in profiles.items()}
+        batches = {(low[0], high[0]) for low, _, high in profiles.values()}
+        self.batch_range = batches.pop() if len(batches) == 1 else None
+        self._local = threading.local()
+        self._contexts = []
+        self._lock = threading.Lock()
+
+    def _info(self, name: str) -> TensorInfo:
+        import tensorrt
+
+        shape = tuple(d if d >= 0 else None for d in self._engine.get_tensor_shape(name))
+        return TensorInfo(name, np.dtype(tensorrt.nptype(self._engine.get_tensor_dtype(name))), shape)
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from polygraphy.backend.trt import TrtRunner
+
+        context = getattr(self._local, "context", None)
+        if context is None:
+            context = self._local.context = TrtRunner(self._engine)
+            context.activate()
+            with self._lock:
+                self._contexts.append(context)
+        outputs = context.infer(dict(feed))
+        return {info.name: np.array(outputs[info.name]) for info in self.outputs}  # copies: buffers are reused
+
+    def describe(self) -> dict:
+        import tensorrt
+
+        return {"runtime": self.name, "version": tensorrt.__version__,
+                "plugins": str(self.plugins) if self.plugins else None}
+
+    def close(self) -> None:
+        with self._lock:
+            for context in self._contexts:
+                context.deactivate()
+            self._contexts.clear()
