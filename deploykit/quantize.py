@@ -275,7 +275,7 @@ def _quantize_dynamic_convs(fp32: onnx.ModelProto, model: onnx.ModelProto, feeds
     ranges, attention_max = _observed_ranges(fp32, feeds, [originals[n.name] for n in nodes])
     summary = []
     for node in nodes:
-        x, bank, attention, bias, taps = originals[node.name].input
+        x, bank, attention, _, taps = originals[node.name].input
         attention_bound, attention_kind = _attention_bound(attention, producers, attention_max[attention])
         taps_max, taps_kind = _taps_bound(taps, producers, constants, ranges[taps])
         weight_bound = aggregated_kernel_bound(constants[bank], attention_bound, taps_max)
