@@ -390,6 +390,9 @@ def _image_feeds(config: ExportConfig, arch: str | None, shapes: list[tuple[int,
 def _calibration_feeds(config: ExportConfig, arch: str | None, shape: tuple[int, ...]) -> list[dict[str, np.ndarray]]:
     """The --calibration inputs, read like --images (image files, directories) and --inputs (.npz files), in
     batches of at most `CALIBRATION_BATCH` at the verification input's size."""
+    missing = [str(p) for p in config.calibration if not Path(p).exists()]
+    if missing:
+        raise DeployError(f"--calibration {', '.join(missing)}: no such file or directory.")
     npz = [Path(p) for p in config.calibration if Path(p).suffix.lower() == ".npz"]
     images = [p for p in config.calibration if Path(p).suffix.lower() != ".npz"]
     arrays = [_load_npz_input(path) for path in npz]
