@@ -537,6 +537,9 @@ def _calibration_feeds(config: ExportConfig, arch: str | None, names: list[str],
                        shapes: list[tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
     """The --calibration inputs, read like --images (image files, directories; one-input image models) and --inputs
     (.npz files, one array per input), in batches of at most `CALIBRATION_BATCH` at the verification inputs' sizes."""
+    missing = [str(p) for p in config.calibration if not Path(p).exists()]
+    if missing:
+        raise DeployError(f"--calibration {', '.join(missing)}: no such file or directory.")
     npz = [Path(p) for p in config.calibration if Path(p).suffix.lower() == ".npz"]
     images = [p for p in config.calibration if Path(p).suffix.lower() != ".npz"]
     if images and len(names) > 1:

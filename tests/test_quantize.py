@@ -219,6 +219,14 @@ def test_cli_flags_reach_the_config():
         ("int8", ["a", "b.npz"], ["layer1.0.conv1"], "int8")
 
 
+def test_missing_calibration_file_is_one_sentence_and_writes_nothing(photos, tmp_path):
+    config = int8_config(tiny_model("dyconv"), photos, tmp_path)
+    config.calibration = [tmp_path / "missing"]
+    with pytest.raises(DeployError, match="--calibration .*missing: no such file or directory"):
+        export_model(config)
+    assert not (tmp_path / "out").exists()
+
+
 def test_calibration_must_not_be_the_verification_inputs(tmp_path):
     with pytest.raises(DeployError, match="must be judged on inputs it was not calibrated on"):
         ExportConfig(model="m.pt", images=[tmp_path], quantize="int8", calibration=[tmp_path])
