@@ -28,7 +28,7 @@ from deploykit.localize import first_divergence
 from deploykit.log import LOGGER, progress, stage
 from deploykit.models import MODELS, arch_from_file_name, build_model, check_dynamic_spatial, model_spec
 from deploykit.nn import OffsetInputDeformConv2d
-from deploykit.quantize import log_int8_verdict, quantize_and_check
+from deploykit.quantize import log_int8_verdict, quantize_and_check, verify_int8
 from deploykit.runtime import trt
 from deploykit.runtime.base import load_runner, require_runtime
 from deploykit.runtime.ort import resolve_providers
@@ -189,6 +189,9 @@ def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
                 onnx_model, reference_model, _calibration_feeds(config, arch, names, input_shapes), feeds,
                 config.keep_float or (), [str(p) for p in config.calibration], providers, config.threads)
         verdicts.append(report["quantization"]["verification"]["verdict"])
+        for runtime in _other_runtimes(config):
+            report["quantization"][runtime] = _int8_runtime_check(runtime, int8_model, feeds, reference, config)
+            verdicts.append(report["quantization"][runtime].get("verdict", PASSED))
     verdict = combined_verdict(verdicts)
     report["verdict"] = verdict
     for runtime, check in checks.items():
@@ -234,12 +237,18 @@ def _triton_repository(config: ExportConfig, model_name: str, verdict: str, onnx
                     "failed" if verdict == FAILED else "was inconclusive")
         return section
     with stage(f"Writing the Triton model repository {config.triton_repo} (model {name!r})"):
+        openvino_ir = None
+        if "openvino" in (config.runtimes or ()):  # Triton's OpenVINO backend reads IR, deploykit's ops converted
+            from deploykit.runtime.openvino import ir_bytes
+
+            openvino_ir = ir_bytes(onnx_model)
         write_triton_repository(config.triton_repo, name, onnx_model, dynamic_batch=dynamic_batch, engine=engine,
                                 engine_profile=tensorrt["profile"] if engine is not None else None,
                                 plugin_library=plugin_library if engine is not None else None,
-                                example_shapes=input_shapes, **_triton_options(config))
+                                example_shapes=input_shapes, openvino_ir=openvino_ir, **_triton_options(config))
     LOGGER.info("  serve it: see %s", Path(config.triton_repo) / "README.md")
-    models = [name, *([f"{name}_trt"] if engine is not None else [])]
+    models = [name, *([f"{name}_trt"] if engine is not None else []),
+              *([f"{name}_openvino"] if openvino_ir is not None else [])]
     return {**section, "written": True, "models": models, "forced": verdict != PASSED}
 
 
@@ -263,6 +272,25 @@ def _runtime_check(runtime: str, onnx_model, feeds, reference: TorchReference, c
                "replay_note": f"polygraphy has no {runtime} runner: replay with deploykit.runtime.Predictor(dir, "
                               f"runtime={runtime!r}) on inputs.json against torch_outputs.json"}
     return section, verification
+
+
+def _int8_runtime_check(runtime: str, int8_model, feeds, reference: TorchReference, config: ExportConfig) -> dict:
+    """The int8 file in another runtime, judged like onnxruntime's (`deploykit.quantize.verify_int8`); a file that
+    runtime cannot read (e.g. an op it has no conversion for) is reported as not run, with the reason, and does not
+    change the verdict: the fp32 file was verified there."""
+    try:
+        runner = load_runner(runtime, int8_model, threads=config.threads, hint="LATENCY")
+    except DeployError as err:
+        ops = sorted({f"{n.domain}::{n.op_type}" for n in int8_model.graph.node if n.domain})
+        note = f"{str(err).rstrip('.')} (the int8 file's custom ops: {', '.join(ops) or 'none'})"
+        LOGGER.info("  int8 in %s not run: %s", runtime, note)
+        return {"run": False, "note": note}
+    try:
+        verification = verify_int8([runner.run(feed) for feed in feeds], reference.float32)
+    finally:
+        runner.close()
+    LOGGER.info("%s", verification.describe().replace("int8 onnxruntime", f"int8 {runtime}"))
+    return {"run": True, **verification.as_dict()}
 
 
 def _log_verdict(runtime: str, check: Verification, sources: list[list[str]] | None) -> None:

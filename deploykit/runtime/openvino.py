@@ -112,6 +112,16 @@ def save_ir(model: onnx.ModelProto | str | os.PathLike, xml_path: str | os.PathL
     return xml_path
 
 
+def ir_bytes(model: onnx.ModelProto | str | os.PathLike) -> tuple[bytes, bytes]:
+    """The model as OpenVINO IR, (``model.xml``, ``model.bin``) bytes, for writers that stage files themselves
+    (a Triton repository)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="deploykit-ir-") as folder:
+        xml = save_ir(model, Path(folder) / "model.xml")
+        return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+
+
 def version() -> str:
     """The installed OpenVINO release, e.g. "2026.4.1"."""
     return importlib.metadata.version("openvino")

@@ -5,6 +5,8 @@
     DIR/<name>_trt/config.pbtxt        the tensorrt backend's configuration     } only with an engine
     DIR/<name>_trt/1/model.plan        the TensorRT engine                      }
     DIR/<name>_trt/<plugin library>    deploykit's plugins, loaded by the server (--backend-config=tensorrt,plugins=)
+    DIR/<name>_openvino/config.pbtxt   the openvino backend's configuration     } only with --runtimes ...,openvino
+    DIR/<name>_openvino/1/model.xml    the same model as OpenVINO IR (+ model.bin) }
     DIR/README.md                      how to start the server, check it, measure it and send a request
 
 Triton reads only ``config.pbtxt`` and the numeric version folders of a model folder, and only the folders of the
@@ -34,6 +36,7 @@ README_FILE = "README.md"
 README_MARKER = "# Triton model repository (written by deploykit)"
 CONFIG_MARKER = "# written by deploykit: a later export of this model may replace this folder"
 TRT_SUFFIX = "_trt"
+OPENVINO_SUFFIX = "_openvino"
 # How long the dynamic batcher may hold a request to form a larger batch: a tenth of a millisecond costs a single
 # request nothing noticeable, and under load it is enough for concurrent requests to meet.
 MAX_QUEUE_DELAY_US = 100
@@ -69,7 +72,8 @@ def write_triton_repository(repo_dir: str | os.PathLike, name: str, onnx_model: 
                             threads: int | None = None, engine: bytes | None = None,
                             engine_profile: Mapping[str, Sequence[int]] | None = None,
                             plugin_library: str | os.PathLike | None = None,
-                            example_shapes: Mapping[str, Sequence[int]] | None = None) -> Path:
+                            example_shapes: Mapping[str, Sequence[int]] | None = None,
+                            openvino_ir: tuple[bytes, bytes] | None = None) -> Path:
     """Write a Triton model repository serving `onnx_model` (and the TensorRT `engine`) into `repo_dir`.
 
     Everything is staged in a temporary folder beside `repo_dir` and renamed into place at the end; on any error
@@ -92,6 +96,9 @@ def write_triton_repository(repo_dir: str | os.PathLike, name: str, onnx_model: 
         plugin_library: deploykit's TensorRT plugin library the engine needs; copied into ``<name>_trt/``.
         example_shapes: full input shapes (batch included) used in the README's request and perf_analyzer lines.
             Defaults to batch 1 and the graph's fixed sizes; needed when a non-batch dimension is symbolic.
+        openvino_ir: the same model as OpenVINO IR (``model.xml``, ``model.bin`` bytes: deploykit's ops already
+            converted, `deploykit.runtime.openvino.save_ir`, since Triton's OpenVINO backend cannot load deploykit's
+            Python conversions); adds the ``<name>_openvino`` model (``backend: "openvino"``, CPU).
 
     Returns:
         `repo_dir` as a Path.
@@ -109,7 +116,13 @@ def write_triton_repository(repo_dir: str | os.PathLike, name: str, onnx_model: 
     # None: a model folder of a previous export that this one no longer has (removed with the rest)
     entries: dict[str, dict[str, bytes | Path] | None] = {
         name: {CONFIG_FILE: _config_text(onnx_config), f"{VERSION}/model.onnx": onnx_model.SerializeToString()},
-        name + TRT_SUFFIX: None}
+        name + TRT_SUFFIX: None, name + OPENVINO_SUFFIX: None}
+    if openvino_ir is not None:
+        xml, weights = openvino_ir
+        openvino_config = _openvino_config(name + OPENVINO_SUFFIX, inputs, outputs, max_batch if batched else 0,
+                                           threads)
+        entries[name + OPENVINO_SUFFIX] = {CONFIG_FILE: _config_text(openvino_config), f"{VERSION}/model.xml": xml,
+                                           f"{VERSION}/model.bin": weights}
     trt_name, plugin = None, None
     if engine is not None:
         trt_name = name + TRT_SUFFIX
@@ -258,6 +271,19 @@ def _onnx_config(name: str, inputs: Sequence[_Tensor], outputs: Sequence[_Tensor
     return config
 
 
+def _openvino_config(name: str, inputs: Sequence[_Tensor], outputs: Sequence[_Tensor], max_batch_size: int,
+                     threads: int | None) -> dict:
+    """Triton's OpenVINO backend serving the IR on the CPU (its default file name is model.xml)."""
+    config = {"name": name, "backend": "openvino", "max_batch_size": max_batch_size,
+              **_io(inputs, outputs, max_batch_size > 0)}
+    config.update(_batching(max_batch_size))
+    config["instance_group"] = [{"kind": _Enum("KIND_CPU"), "count": 1}]
+    # float32 as verified: on CPUs with bf16 units OpenVINO would otherwise compute in bf16 (2% off, measured).
+    properties = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    config["parameters"] = [{"key": key, "value": {"string_value": str(value)}} for key, value in properties.items()]
+    return config
+
+
 def _trt_config(name: str, inputs: Sequence[_Tensor], outputs: Sequence[_Tensor], batched: bool,
                 profile: Mapping[str, tuple[int, ...]]) -> dict:
     """The engine's configuration: its input sizes come from the profile (-1 where min and max differ)."""
@@ -390,9 +416,9 @@ def _check_readme_is_ours(path: Path) -> None:
 
 
 def _check_model_folders_are_ours(repo: Path, name: str) -> None:
-    """Refuse to replace or remove a ``<name>`` or ``<name>_trt`` folder that deploykit did not write (its
-    config.pbtxt does not start with `CONFIG_MARKER`): it is someone else's model."""
-    for folder in (repo / name, repo / (name + TRT_SUFFIX)):
+    """Refuse to replace or remove a ``<name>``, ``<name>_trt`` or ``<name>_openvino`` folder that deploykit did not
+    write (its config.pbtxt does not start with `CONFIG_MARKER`): it is someone else's model."""
+    for folder in (repo / name, repo / (name + TRT_SUFFIX), repo / (name + OPENVINO_SUFFIX)):
         if not (folder.exists() or folder.is_symlink()):
             continue
         config = folder / CONFIG_FILE
