@@ -254,12 +254,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _parse_numbers(text: str, kind: type, what: str, example: str) -> tuple:
+    try:
+        return tuple(kind(p) for p in text.split(","))
+    except ValueError:
+        raise DeployError(f"{text!r} is not a comma-separated list of {what} such as {example}.") from None
+
+
 def parse_floats(text: str) -> tuple[float, ...]:
     """Parse "0.485,0.456,0.406" into a tuple of floats."""
-    try:
-        return tuple(float(p) for p in text.split(","))
-    except ValueError:
-        raise DeployError(f"{text!r} is not a comma-separated list of numbers such as 0.485,0.456,0.406.") from None
+    return _parse_numbers(text, float, "numbers", "0.485,0.456,0.406")
 
 
 def parse_names(text: str) -> list[str]:
@@ -272,10 +276,7 @@ def parse_names(text: str) -> list[str]:
 
 def parse_ints(text: str) -> tuple[int, ...]:
     """Parse "0,1,2,3" into a tuple of ints."""
-    try:
-        return tuple(int(p) for p in text.split(","))
-    except ValueError:
-        raise DeployError(f"{text!r} is not a comma-separated list of integers such as 0,1,2,3.") from None
+    return _parse_numbers(text, int, "integers", "0,1,2,3")
 
 
 def check_seed(seed: int) -> None:
