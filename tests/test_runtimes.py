@@ -115,3 +115,21 @@ def test_diverging_model_fails_in_both_and_names_the_module(tmp_path):
                                        output_dir=tmp_path / "out"))
     assert result.verdict == "failed" and result.report["openvino"]["verification"]["verdict"] == "failed"
     assert result.report["verification"]["first_divergence"]["module"] == ""
+
+
+@pytest.mark.parametrize("family", ["odconv", "scconv"])
+def test_the_int8_file_runs_and_verifies_in_openvino_too(family, tmp_path):
+    """The QDQ file, per-sample kernels included (their Q/DQ pairs as FakeQuantize ops), judged like onnxruntime's
+    and computing what onnxruntime's computes up to int8 rounding."""
+    from bench.photos import CALIBRATION_PHOTOS, VERIFICATION_PHOTOS, save_crops
+    from deploykit.quantize import sqnr_db
+    from test_quantize import int8_config, tiny_model
+
+    photos = save_crops(tmp_path / "calibration", CALIBRATION_PHOTOS), save_crops(tmp_path / "held", VERIFICATION_PHOTOS)
+    result = export_model(int8_config(tiny_model(family), photos, tmp_path, runtimes=["openvino"]))
+    section = result.report["quantization"]["openvino"]
+    assert section["run"] and section["verdict"] == "passed" and result.verdict == "passed"
+    feed = {"input": np.random.default_rng(8).standard_normal((3, 3, 64, 64)).astype(np.float32)}
+    ort_int8 = Predictor(result.output_dir, precision="int8").run(feed)["output"]
+    ov_int8 = Predictor(result.output_dir, runtime="openvino", precision="int8").run(feed)["output"]
+    assert sqnr_db(ov_int8, ort_int8) >= 30

@@ -333,7 +333,34 @@ DYNAMIC_CONV2D = CustomOp(
 # --- OpenVINO --------------------------------------------------------------------------------------------------
 
 def to_openvino(node) -> list:
-    """OpenVINO ONNX-frontend conversion (``openvino.frontend.NodeContext`` -> outputs) of the node.
+    """OpenVINO ONNX-frontend conversion (``openvino.frontend.NodeContext`` -> outputs) of the node; see
+    `_openvino_dynamic_conv`."""
+    return _openvino_dynamic_conv(node, quantized=False)
+
+
+def qdq_to_openvino(node) -> list:
+    """The same for `QDQ_OP_TYPE`: the input, the per-sample kernel (per output channel) and the unbiased output
+    pass through OpenVINO FakeQuantize ops with the node's scales and zero points, the float form of its Q/DQ pairs
+    (what OpenVINO's ONNX frontend makes of QuantizeLinear/DequantizeLinear too)."""
+    return _openvino_dynamic_conv(node, quantized=True)
+
+
+def _fake_quantize(value, scale, zero_point, low: int, high: int, channel_shape: tuple[int, ...] | None = None):
+    """OpenVINO FakeQuantize equal to QuantizeLinear then DequantizeLinear with `scale` and `zero_point` (integer
+    range [low, high]); `channel_shape` reshapes per-channel parameters to broadcast against `value`."""
+    from openvino import opset13 as ov
+
+    dtype = value.get_element_type()
+    scale, zero_point = ov.convert(scale, dtype), ov.convert(zero_point, dtype)
+    if channel_shape is not None:
+        scale, zero_point = (ov.reshape(v, _ov_ints(*channel_shape), False) for v in (scale, zero_point))
+    bounds = [ov.multiply(ov.subtract(ov.constant(np.array(edge, dtype.to_dtype())), zero_point), scale)
+              for edge in (low, high)]
+    return ov.fake_quantize(value, *bounds, *bounds, high - low + 1)
+
+
+def _openvino_dynamic_conv(node, quantized: bool) -> list:
+    """OpenVINO conversion of the node, float or (`quantized`) with its QDQ pairs as FakeQuantize ops.
 
     Kernels [N, K] @ bank [K, M*C/g*T] in one MatMul (times the tap attention unless it is the constant ones of a
     layer without it), bias A @ B, then per sample, keeping batch and spatial size dynamic (measured in
@@ -345,6 +372,9 @@ def to_openvino(node) -> list:
 
     X, W, A, B, S = (node.get_input(i) for i in range(len(INPUTS)))
     bank, out_channels, group_channels, kh, kw = W.get_partial_shape().to_shape()
+    if quantized:
+        x_scale, x_zero, w_scale, w_zero, y_scale, y_zero = (node.get_input(len(INPUTS) + i) for i in range(6))
+        X = _fake_quantize(X, x_scale, x_zero, 0, 255)
     group = node.get_attribute("group")
     dense = group == 1
     if dense:  # the patches are ordered taps, then channels: so must the kernels be
@@ -354,12 +384,18 @@ def to_openvino(node) -> list:
     if not _constant_ones(S):
         taps = ov.reshape(S, _ov_ints(*((-1, 1, kh, kw, 1) if dense else (-1, 1, 1, kh, kw))), False)
         kernels = ov.multiply(ov.reshape(kernels, _ov_ints(-1, *kernel_shape), False), taps)
+    if quantized:  # per output channel: [N, M, rest] against scales [1, M, 1]
+        per_channel = ov.reshape(kernels, _ov_ints(-1, out_channels, int(np.prod(kernel_shape[1:]))), False)
+        kernels = _fake_quantize(per_channel, w_scale, w_zero, -128, 127, (1, out_channels, 1))
     biases = ov.reshape(ov.matmul(A, B, False, False), _ov_ints(-1, out_channels, 1, 1), False)
     top, left, bottom, right = node.get_attribute("pads")
     geometry = (list(node.get_attribute("strides")), [top, left], [bottom, right],
                 list(node.get_attribute("dilations")))
     convolve = _patches_matmul if dense else _per_sample_group_convolution
-    return ov.add(convolve(X, kernels, kernel_shape, group, geometry), biases).outputs()
+    y = convolve(X, kernels, kernel_shape, group, geometry)
+    if quantized:
+        y = _fake_quantize(y, y_scale, y_zero, 0, 255)
+    return ov.add(y, biases).outputs()
 
 
 def _ov_ints(*values: int):

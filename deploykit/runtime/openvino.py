@@ -31,6 +31,7 @@ HINTS = ("LATENCY", "THROUGHPUT")
 # (ONNX domain, op_type) -> conversion of one node (openvino.frontend.NodeContext -> the node's outputs).
 CONVERSIONS: Mapping[tuple[str, str], Callable[[Any], list]] = {
     (DOMAIN, dynamic_conv2d.OP_TYPE): dynamic_conv2d.to_openvino,
+    (DOMAIN, dynamic_conv2d.QDQ_OP_TYPE): dynamic_conv2d.qdq_to_openvino,  # the int8 file (--quantize int8)
     (DOMAIN, deform_conv2d.OP_TYPE): deform_conv2d.to_openvino,
     ("", "DeformConv"): deform_conv2d.to_openvino,  # the node's body; some files carry it directly
 }
