@@ -137,10 +137,10 @@ def test_images_are_named_per_batch_and_one_image_is_checked_at_two_batch_sizes(
     err = capsys.readouterr().err
     assert f"batch 1: {tmp_path / 'cat.png'}, {tmp_path / 'cat.png'}" in err
     assert re.search(r"PASSED: .* sample \d of batch \d \(.*cat\.png\) at ", err), err
-    report = json.loads((tmp_path / "deploykit-out" / "model" / "report.json").read_text())
+    report = json.loads((tmp_path / "deploykit-out" / "Sequential" / "report.json").read_text())  # its class
     assert [o["shape"][0] for o in report["verification"]["outputs"]] == [1, 2]
     assert report["input_sources"] == [[str(tmp_path / "cat.png")], [str(tmp_path / "cat.png")] * 2]
-    assert report["config"]["output_dir"] == "deploykit-out/model"  # the default directory, not null
+    assert report["config"]["output_dir"] == "deploykit-out/Sequential"  # the default directory, not null
     passes = report["export"]["passes"]
     assert passes["parameter_change"] == passes["after"]["parameters"] - passes["before"]["parameters"]
 

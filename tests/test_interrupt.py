@@ -63,7 +63,7 @@ def small_checkpoint(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("signum, status, message", [(signal.SIGINT, 130, "interrupted: no artifacts were written"),
                                                      (signal.SIGTERM, 143, "terminated: no artifacts were written")])
 def test_signal_during_the_export_leaves_nothing(tmp_path, small_checkpoint, signum, status, message):
-    before = tree(tmp_path)  # the default output directory, deploykit-out/model, would appear here
+    before = tree(tmp_path)  # the default output directory, deploykit-out/<class>, would appear here
     process = subprocess.Popen([sys.executable, str(REPO / "export.py"), "--model", str(small_checkpoint),
                                 "--trust-pickle", "--input-shape", "1x3x16x16"], cwd=tmp_path, stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, text=True)

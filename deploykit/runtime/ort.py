@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from deploykit.errors import DeployError
+from deploykit.memory import out_of_memory
 from deploykit.runtime.base import TensorInfo, batch_range
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -120,6 +121,8 @@ class OrtRunner:
         try:
             values = self.session.run(None, dict(feed))
         except _RUN_ERRORS as err:
+            if out_of_memory(err, "onnxruntime") is not None:
+                raise  # the caller says what ran out of memory (`deploykit.memory.memory_errors`)
             raise DeployError(f"onnxruntime failed to run the model: {str(err).strip().splitlines()[0]}.") from err
         return dict(zip((info.name for info in self.outputs), values))
 
