@@ -14,13 +14,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from google.protobuf import text_format
 from torch import nn
-from tritonclient.grpc import model_config_pb2
 
 from conftest import DivergesWhenExported, assert_one_sentence
 from deploykit import DeployError, ExportConfig, export_model
 from deploykit.runtime.predictor import Predictor
+from deploykit.serving import parse_config
 from deploykit.signature import fill_template, flatten_outputs, output_template
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +110,7 @@ def test_predictor_returns_the_models_structure(multi_export):
 
 def test_triton_config_lists_every_input_and_output(multi_export):
     config_file = Path(multi_export.report["triton"]["repository"]) / "ImageAndMeta" / "config.pbtxt"
-    config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
+    config = parse_config(config_file.read_text())
     assert [i.name for i in config.input] == ["image", "meta"]
     assert [list(i.dims) for i in config.input] == [[3, 12, 12], [5]]
     assert [o.name for o in config.output] == ["features_0", "features_1", "logits"]

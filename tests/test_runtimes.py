@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from conftest import DivergesWhenExported, assert_one_sentence, tiny_conv_net
 from deploykit import DeployError, ExportConfig, export_model
 from deploykit.runtime import Predictor
 from deploykit.runtime.base import RUNTIMES, load_runner
+from deploykit.serving import parse_config
 from test_own_model import TinyDetector, seeded
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'deploykit[openvino]')")
@@ -71,7 +70,7 @@ def test_triton_repository_carries_an_openvino_backend_model(detector_export):
     _, result = detector_export
     assert result.report["triton"]["models"] == ["TinyDetector", "TinyDetector_openvino"]
     folder = result.report["triton"]["repository"] + "/TinyDetector_openvino"
-    config = text_format.Parse(open(f"{folder}/config.pbtxt").read(), model_config_pb2.ModelConfig())
+    config = parse_config(open(f"{folder}/config.pbtxt").read())
     assert config.backend == "openvino" and config.max_batch_size == 8
     assert [i.name for i in config.input] == ["input"] and [list(i.dims) for i in config.input] == [[3, -1, -1]]
     assert [o.name for o in config.output] == ["p3", "p4"]
