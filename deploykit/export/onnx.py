@@ -99,7 +99,7 @@ def onnx_from_model(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
                 verbose=verbose,
                 report=False, optimize=True)
         except Exception as err:  # the exporter raises many types; all mean "this model did not export"
-            if dynamic_batch and "Unsupported attribute type: SymbolicTensor" in str(err):
+            if dynamic_batch and re.search(r"Unsupported attribute type: [^\n]*SymbolicTensor", str(err)):
                 raise DeployError(BATCH_IN_GROUPS) from err
             raise DeployError(f"torch.onnx could not export the model: {_summary(err)} (run with -v for the "
                               f"exporter's full report).") from err
