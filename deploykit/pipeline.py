@@ -18,7 +18,7 @@ from deploykit import artifacts
 from deploykit.checkpoint import Checkpoint, check_weights, load_checkpoint, weights_hint
 from deploykit.config import ExportConfig
 from deploykit.conversion import Conversion, convert
-from deploykit.errors import DeployError, VerificationFailed
+from deploykit.errors import DeployError, VerificationFailed, first_line
 from deploykit.export.onnx import DEFAULT_OPSET, check_exported_dims, onnx_from_model
 from deploykit.export.passes import run_passes
 from deploykit.fileio import missing_reason
@@ -406,20 +406,23 @@ def _reference_model(original: nn.Module, converted: nn.Module, feed: dict[str, 
     if conversion is None or not conversion.swaps:
         return original, None
     try:
-        with torch.inference_mode():
-            original(*(torch.from_numpy(a[:1]) for a in feed.values()))
+        _on_first_sample(original, feed)
     except Exception as err:  # whatever the user's layers raise: the converted model is the reference then
         try:
-            with torch.inference_mode():
-                converted(*(torch.from_numpy(a[:1]) for a in feed.values()))
+            _on_first_sample(converted, feed)
         except Exception:  # the converted model fails too: the user's own error is the one to report
             return original, None
-        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-        note = f"the model as given cannot run here ({type(err).__name__}: {reason}), so the converted model is " \
-               f"the reference: the conversion itself is not proven by this check"
+        note = f"the model as given cannot run here ({type(err).__name__}: {first_line(err)}), so the converted " \
+               f"model is the reference: the conversion itself is not proven by this check"
         LOGGER.info("  %s", note)
         return converted, note
     return original, None
+
+
+def _on_first_sample(model: nn.Module, feed: dict[str, np.ndarray]):
+    """The model's result on the first sample of `feed` (a cheap probe of what it takes and returns)."""
+    with torch.inference_mode():
+        return model(*(torch.from_numpy(a[:1]) for a in feed.values()))
 
 
 def _model_name(config: ExportConfig, arch: str | None, checkpoint: Checkpoint | None) -> str:
@@ -663,8 +666,7 @@ class OutputSignature:
 def _output_signature(model: nn.Module, feed: dict[str, np.ndarray], name: str, requested: list[str] | None,
                       inputs: list[str]) -> OutputSignature:
     """Run the model once on the first sample of `feed` to learn what it returns."""
-    with torch.inference_mode():
-        result = _run_or_explain(lambda: model(*(torch.from_numpy(a[:1]) for a in feed.values())), feed, name)
+    result = _run_or_explain(lambda: _on_first_sample(model, feed), feed, name)
     flat = flatten_outputs(result, where=name)
     names = resolve_output_names([n for n, _ in flat], requested)
     clash = sorted(set(names) & set(inputs))
