@@ -6,8 +6,10 @@ looks inside a ``deploykit::`` node's function body (../shared/notes/ecosystem.m
 ``deploykit::DynamicConv2d`` node (CondConv, DyConv, ODConv) is then replaced by a ``deploykit::DynamicConv2dQDQ``
 node whose body runs the per-sample conv in int8 (`deploykit.ops.dynamic_conv2d.quantized_function_body`): its
 input and output scales are calibrated here on the same inputs, and its kernel scales are bounds derived from the
-kernel bank (`aggregated_kernel_bound`), valid for every sample of any batch. Deformable convs and TVConv's
-per-pixel conv stay float (docs/quantization.md says why and what was measured).
+kernel bank (`aggregated_kernel_bound`), valid for every sample of any batch. Every ``deploykit::DeformConv2d``
+node is first rewritten as its bilinear taps (float ``GridSample``) feeding a 1x1 conv over the sampled channels
+(`deploykit.ops.deform_conv2d.to_sampled_conv`), which the quantizer runs in int8 like any conv. TVConv's per-pixel
+conv stays float (docs/quantization.md says why and what was measured).
 
 The float64 rule of `deploykit.verify` cannot judge an int8 file: its error is quantization noise, orders of
 magnitude above float32 rounding. `verify_int8` judges it on held-out inputs against PyTorch's float32 outputs by
@@ -33,6 +35,7 @@ from deploykit.errors import DeployError
 from deploykit.export.custom_op import DOMAIN
 from deploykit.localize import module_exits, node_module_calls, run_with_outputs
 from deploykit.log import LOGGER
+from deploykit.ops.deform_conv2d import OP_TYPE as DEFORM_CONV, to_sampled_conv
 from deploykit.ops.dynamic_conv2d import (OP_TYPE as DYNAMIC_CONV, QDQ_OP_TYPE, aggregated_kernel_bound,
                                           quantized_function_body)
 from deploykit.runtime.ort import session_from_onnx
@@ -83,7 +86,8 @@ def quantize_int8(model: onnx.ModelProto, calibration_feeds: Sequence[Feed], kee
     if not calibration_feeds:
         raise DeployError("int8 quantization needs calibration inputs; pass images or an .npz with --calibration.")
     kept = nodes_of(model, keep_float)
-    by_design = _float_by_design(model)
+    model, sampling = _sampled_deform_convs(model, kept)
+    by_design = {**_float_by_design(model), **sampling}
     with tempfile.TemporaryDirectory(prefix="deploykit-int8-") as scratch:
         source, target = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         onnx.save_model(model, source)
@@ -259,6 +263,32 @@ def _unquantize_outputs(model: onnx.ModelProto) -> None:
     unused = [t for t in model.graph.initializer if t.name not in used]
     for tensor in unused:
         model.graph.initializer.remove(tensor)
+
+
+# --- deformable convs --------------------------------------------------------------------------------------------
+
+SAMPLING_REASON = ("deformable sampling: bilinear taps at run-time offsets (GridSample) stay float; the 1x1 conv "
+                   "they feed runs in int8")
+
+
+def _sampled_deform_convs(model: onnx.ModelProto, kept: set[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of `model` with every ``deploykit::DeformConv2d`` node not kept in float in its sampled form
+    (`deploykit.ops.deform_conv2d.to_sampled_conv`: float taps, then a 1x1 conv that the quantizer runs in int8
+    with per-channel weights); and the sampling nodes, each with why it stays float."""
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == DEFORM_CONV and n.name not in kept
+             and n.input[1] in {t.name for t in model.graph.initializer}]
+    if not nodes:
+        return model, {}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    sampling = {}
+    for node in [n for n in copy.graph.node if n.name in {m.name for m in nodes}]:
+        sampling.update(dict.fromkeys((new.name for new in to_sampled_conv(copy, node)[:-1]), SAMPLING_REASON))
+    if not any(n.domain == DOMAIN and n.op_type == DEFORM_CONV for n in copy.graph.node):
+        kept_functions = [f for f in copy.functions if not (f.domain == DOMAIN and f.name == DEFORM_CONV)]
+        del copy.functions[:]
+        copy.functions.extend(kept_functions)
+    return copy, sampling
 
 
 # --- dynamic convs -----------------------------------------------------------------------------------------------

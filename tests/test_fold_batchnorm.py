@@ -20,6 +20,7 @@ from deploykit.export.passes import fold_constants, infer_shapes, run_passes
 from deploykit.inputs import structured_noise
 from deploykit.models import random_model
 from deploykit.nn.condconv import CondConv2d, CondConvRouting
+from deploykit.nn.deform_conv import ModulatedDeformConv2dPack
 from deploykit.nn.dyconv import DyConv2d
 from deploykit.nn.odconv import ODConv2d
 from deploykit.runtime.ort import session_from_onnx
@@ -47,6 +48,13 @@ def _odconv(kernel: int, experts: int, groups: int = 1, channels: int = 8) -> nn
                   nn.BatchNorm2d(channels))
 
 
+def _dcnv2() -> nn.Module:
+    """Grouped DCNv2 whose offsets reach a pixel or two (mmcv initialises the offset conv to zeros)."""
+    layer = ModulatedDeformConv2dPack(8, 6, 3, padding=1, groups=2, deform_groups=2)
+    nn.init.normal_(layer.conv_offset.weight, std=0.3, generator=torch.Generator().manual_seed(5))
+    return ConvBN(layer, nn.BatchNorm2d(6))
+
+
 # case -> (module, its input channels, whether the shift stays as an Add)
 CASES = {
     "condconv_sigmoid": (CondConvBN, 6, True),
@@ -55,6 +63,7 @@ CASES = {
     "odconv_1x1_k1_plain_conv_mul": (lambda: _odconv(1, 1), 8, True),
     "odconv_depthwise_k4_softmax": (lambda: _odconv(3, 4, groups=8), 8, False),
     "odconv_depthwise_k1_ones": (lambda: _odconv(3, 1, groups=8), 8, False),
+    "dcnv2_grouped": (lambda: _dcnv2(), 8, False),
 }
 
 
@@ -78,7 +87,7 @@ def test_folded_layer_matches_unfolded_and_pytorch(case):
     assert _count(unfolded, "BatchNormalization") == 1 and _count(folded, "BatchNormalization") == 0
     assert _count(folded, "Add") == _count(unfolded, "Add") + shift_stays
     assert folded_count(folded) == 1
-    [conv] = [n for n in folded.graph.node if n.op_type in ("Conv", "DynamicConv2d")
+    [conv] = [n for n in folded.graph.node if n.op_type in ("Conv", "DynamicConv2d", "DeformConv2d")
               and any(p.key == FOLDED_KEY for p in n.metadata_props)]
     assert conv.name in {n.name for n in unfolded.graph.node}
 

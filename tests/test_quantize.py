@@ -15,6 +15,7 @@ from deploykit import ExportConfig, export_model
 from deploykit.errors import DeployError
 from deploykit.inputs import structured_noise
 from deploykit.nn import ACmix, CondConv2d, CondConvRouting, DyConv2d, ModulatedDeformConv2d, ODConv2d, SCConv, TVConv
+from deploykit.ops.deform_conv2d import SAMPLED_CONV_SUFFIX
 from deploykit.ops.dynamic_conv2d import aggregated_kernel_bound
 from deploykit.quantize import MIN_SQNR_DB, nodes_of, replay_int8, sqnr_db
 from deploykit.runtime import Predictor
@@ -148,6 +149,10 @@ def test_int8_export_of_each_family_passes_on_photos(family, photos, tmp_path):
         assert ops & {"DynamicConv2dQDQ"} and "DynamicConv2d" not in ops
         assert [d["attention"].split(":")[0] for d in section["dynamic_convs"]] == \
             [{"condconv": "sigmoid", "dyconv": "softmax", "odconv": "softmax"}[family]]
+    if family == "deform_conv":  # float taps, then a 1x1 conv in int8
+        assert "GridSample" in ops and "DeformConv2d" not in ops
+        assert [q["op"] for q in section["quantized"] if q["node"].endswith(SAMPLED_CONV_SUFFIX)] == ["Conv"]
+        assert any(f["op"] == "GridSample" and "deformable sampling" in f["reason"] for f in section["float"])
     verification = section["verification"]
     assert verification["samples"] == 2 * len(VERIFICATION_PHOTOS)
     assert verification["agreement"]["top1"] == 1.0

@@ -1,7 +1,7 @@
 """Fold inference BatchNorms into the convolution before them, where no runtime can.
 
 ONNX Runtime and TensorRT fuse ``Conv -> BatchNormalization`` themselves, but not a BatchNorm behind a
-``deploykit::DynamicConv2d`` node (a custom op: its body is inlined, or a plugin runs it) nor one behind ODConv's
+``deploykit::DynamicConv2d`` or ``deploykit::DeformConv2d`` node (a custom op: its body is inlined, or a plugin runs it) nor one behind ODConv's
 filter-attention ``Mul``. For those, with BN(y) = s * y + t per output channel m (s = gamma / sqrt(var + eps),
 t = beta - mean * s), this pass rewrites the graph exactly:
 
@@ -10,6 +10,7 @@ t = beta - mean * s), this pass rewrites the graph exactly:
   shift t enters the bias bank only if every row of A sums to 1 (sum_k A[n,k] (B'[k] + t) = s * bias + t):
   true for a softmax over the kernels (DyConv, ODConv with K > 1) and for ODConv's constant ones (K = 1), not for
   CondConv's sigmoid routing, whose BN becomes ``Add(t)``.
+- ``DeformConv2d -> BN``: its W [M, C/g, kH, kW] and B [M] are a Conv's, so W' = s * W, B' = s * B + t.
 - ``DynamicConv2d or Conv -> Mul(f) -> BN`` (ODConv's filter attention f): s * (f * y) + t = f * (s * y) + t, so s
   folds into the conv's weights and bias as above, but t is not multiplied by f and cannot move into the bias;
   the BN becomes ``Add(t)``. (A plain ``Conv -> BN`` is left alone: the runtimes fuse it, and its conv keeps
@@ -31,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from deploykit.export.custom_op import DOMAIN
+from deploykit.ops.deform_conv2d import OP_TYPE as DEFORM_CONV2D
 from deploykit.ops.dynamic_conv2d import OP_TYPE as DYNAMIC_CONV2D
 
 FOLDED_KEY = "deploykit.folded_batchnorm"
@@ -95,7 +97,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
 def folded_count(model: onnx.ModelProto) -> int:
     """How many BatchNorms `fold_batchnorm` folded into convs of `model`."""
     return sum(any(p.key == FOLDED_KEY for p in n.metadata_props) for n in model.graph.node
-               if n.op_type in ("Conv", DYNAMIC_CONV2D))
+               if n.op_type in ("Conv", DYNAMIC_CONV2D, DEFORM_CONV2D))
 
 
 def _match(norm: onnx.NodeProto, index: _Index) -> _Fold | None:
@@ -126,18 +128,19 @@ def _match(norm: onnx.NodeProto, index: _Index) -> _Fold | None:
         return None  # ORT and TensorRT fuse it themselves
     if _out_channels(conv, index) != len(scale):
         return None
-    shift_into_bias = mul is None and _rows_sum_to_one(conv.input[2], _kernel_count(conv, index), index)
+    shift_into_bias = mul is None and (conv.op_type == DEFORM_CONV2D or
+                                       _rows_sum_to_one(conv.input[2], _kernel_count(conv, index), index))
     return _Fold(norm, conv, mul, scale, beta - mean * scale, shift_into_bias)
 
 
 def _conv(name: str, index: _Index) -> onnx.NodeProto | None:
-    """The node producing `name` if it is a Conv or DynamicConv2d with constant weights and bias."""
+    """The node producing `name` if it is a Conv, DynamicConv2d or DeformConv2d with constant weights and bias."""
     node = index.producer.get(name)
     if node is None or len(node.output) != 1:
         return None
     if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
         return node if all(n in index.initializers for n in node.input[1:] if n) else None
-    if node.op_type == DYNAMIC_CONV2D and node.domain == DOMAIN:
+    if node.op_type in (DYNAMIC_CONV2D, DEFORM_CONV2D) and node.domain == DOMAIN:
         return node if node.input[1] in index.initializers and node.input[3] in index.initializers else None
     return None
 
@@ -147,9 +150,9 @@ def _kernel_count(conv: onnx.NodeProto, index: _Index) -> int:
 
 
 def _out_channels(conv: onnx.NodeProto, index: _Index) -> int:
-    """M: Conv's W is [M, C/g, kH, kW], DynamicConv2d's [K, M, C/g, kH, kW]."""
+    """M: Conv's and DeformConv2d's W is [M, C/g, kH, kW], DynamicConv2d's [K, M, C/g, kH, kW]."""
     dims = index.initializers[conv.input[1]].dims
-    return dims[0] if conv.op_type == "Conv" else dims[1]
+    return dims[1] if conv.op_type == DYNAMIC_CONV2D else dims[0]
 
 
 def _rows_sum_to_one(name: str, kernels: int, index: _Index) -> bool:
@@ -174,6 +177,8 @@ def _apply(model: onnx.ModelProto, index: _Index, fold: _Fold) -> None:
     if conv.op_type == "Conv":  # W [M, C/g, kH, kW], bias [M]
         weight_axes, bias_shape = (slice(None), None, None, None), (-1,)
         bias = 2 if len(conv.input) > 2 and conv.input[2] else None
+    elif conv.op_type == DEFORM_CONV2D:  # the same layout, B always present
+        weight_axes, bias_shape, bias = (slice(None), None, None, None), (-1,), 3
     else:  # W [K, M, C/g, kH, kW], B [K, M]
         weight_axes, bias_shape, bias = (None, slice(None), None, None, None), (1, -1), 3
     _replace_constant(model, index, conv, 1, lambda w: w * fold.scale[weight_axes])

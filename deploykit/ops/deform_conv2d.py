@@ -355,6 +355,126 @@ def to_trt_oss_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+# --- int8: sampling + 1x1 conv ----------------------------------------------------------------------------------
+
+SAMPLED_CONV_SUFFIX = "/conv"
+
+
+def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Rewrite one ``deploykit::DeformConv2d`` node of `model`'s main graph (constant W and B) as standard ops, in
+    place: the bilinear taps sampled by one ``GridSample`` (zeros outside the image: the contract's border), scaled
+    by the mask, then a 1x1 ``Conv`` over the C*kH*kW sampled channels, which a quantizer can run in int8 with
+    per-channel constant weights. Batch and spatial size stay dynamic. Returns the new nodes: every node but the
+    last (named ``<node>/conv``, `SAMPLED_CONV_SUFFIX`) samples in float; each carries the node's metadata.
+
+    Exact in real arithmetic: Y = conv1x1(columns, W as [M, C/group*kH*kW, 1, 1]) with columns[n, c*T + t, i, j] =
+    mask[n, g, t, i, j] * bilinear(X[n, c], y, x), the sample point normalised for GridSample (align_corners=0):
+    u = (2x + 1) / W_in - 1. The int8 columns need no range of their own: bilinear weights are a convex combination
+    and the mask lies in [0, 1] (a sigmoid), so they stay within X's range.
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    X, W, offset, B, mask = node.input
+    out_channels, group_channels, kh, kw = initializers[W].dims
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    strides, pads, dilations = list(values["strides"]), list(values["pads"]), list(values["dilations"])
+    group, offset_group = values.get("group", 1), values.get("offset_group", 1)
+    channels, taps = group * group_channels, kh * kw
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    prefix = node.name or f"{OP_TYPE}_{X}"
+    nodes: list[onnx.NodeProto] = []
+
+    def constant(name: str, array) -> str:
+        tensor = onnx.numpy_helper.from_array(np.asarray(array), f"{prefix}/{name}")
+        graph.initializer.append(tensor)
+        return tensor.name
+
+    def add(op_type: str, inputs: list[str], name: str, **attributes) -> str:
+        output = f"{prefix}/{name}"
+        nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attributes))
+        return output
+
+    tap_y = (np.repeat(np.arange(kh), kw) * dilations[0] - pads[0]).astype(np.float32).reshape(taps, 1, 1)
+    tap_x = (np.tile(np.arange(kw), kh) * dilations[1] - pads[1]).astype(np.float32).reshape(taps, 1, 1)
+    zero, one, two = constant("zero", np.int64(0)), constant("one", np.int64(1)), constant("two", np.float32(2))
+    out_size = add("Shape", [offset], "out_size", start=2)  # [H', W']
+    in_size = add("Cast", [add("Shape", [X], "in_size", start=2)], "in_size_float", to=onnx.TensorProto.FLOAT)
+    positions = []
+    for axis, (taps_at, row_shape) in enumerate(((tap_y, [1, -1, 1]), (tap_x, [1, 1, -1]))):
+        name = "yx"[axis]
+        count = add("Gather", [out_size, constant(f"axis_{name}", np.int64(axis))], f"count_{name}")
+        steps = add("Cast", [add("Range", [zero, count, one], f"steps_{name}")], f"steps_{name}_float",
+                    to=onnx.TensorProto.FLOAT)
+        along = add("Mul", [steps, constant(f"stride_{name}", np.float32(strides[axis]))], f"along_{name}")
+        base = add("Add", [add("Reshape", [along, constant(f"row_shape_{name}", np.array(row_shape, np.int64))],
+                               f"rows_{name}"), constant(f"taps_{name}", taps_at)], f"base_{name}")  # [T, H' or 1, W' or 1]
+        extent = add("Gather", [in_size, constant(f"in_axis_{name}", np.int64(axis))], f"extent_{name}")
+        positions.append((base, extent))
+    displacement_shape = add("Concat", [constant("displacement_dims", np.array([-1, offset_group, taps, 2], np.int64)),
+                                        out_size], "displacement_shape", axis=0)
+    displacement = add("Reshape", [offset, displacement_shape], "displacement")  # [N, G, T, 2, H', W']
+    normalised = []
+    for axis, (base, extent) in enumerate(positions):
+        name = "yx"[axis]
+        delta = add("Gather", [displacement, constant(f"component_{name}", np.int64(axis))], f"delta_{name}", axis=3)
+        pixel = add("Add", [delta, base], f"pixel_{name}")  # [N, G, T, H', W'] in input pixels
+        # u = (2 * pixel + 1) / extent - 1
+        scaled = add("Div", [add("Add", [add("Mul", [pixel, two], f"twice_{name}"),
+                                         constant(f"half_step_{name}", np.float32(1))], f"shifted_{name}"), extent],
+                     f"scaled_{name}")
+        normalised.append(add("Unsqueeze", [add("Sub", [scaled, constant(f"unit_{name}", np.float32(1))],
+                                                f"normalised_{name}"), constant(f"last_{name}", np.array([-1]))],
+                              f"point_{name}"))
+    grid = add("Concat", [normalised[1], normalised[0]], "grid_points", axis=-1)  # (x, y) as GridSample reads
+    taps_rows = add("Mul", [constant("taps", np.array([taps], np.int64)),
+                            add("Slice", [out_size, constant("first", np.array([0])), constant("second", np.array([1]))],
+                                "out_rows")], "taps_rows")
+    width = add("Slice", [out_size, constant("second_start", np.array([1])), constant("end", np.array([2]))], "out_cols")
+    grid = add("Reshape", [grid, add("Concat", [constant("minus_one", np.array([-1], np.int64)), taps_rows, width,
+                                                 constant("xy", np.array([2], np.int64))], "grid_shape", axis=0)],
+               "grid")  # [N*G, T*H', W', 2]
+    grouped = add("Reshape", [X, add("Concat", [constant("grouped_dims", np.array([-1, channels // offset_group],
+                                                                                    np.int64)),
+                                                 add("Shape", [X], "image_size", start=2)], "grouped_shape", axis=0)],
+                  "grouped")  # [N*G, C/G, H, W]
+    sampled = add("GridSample", [grouped, grid], "sampled", mode="linear" if opset >= 20 else "bilinear",
+                  padding_mode="zeros", align_corners=0)  # [N*G, C/G, T*H', W']
+    sampled = add("Reshape", [sampled, add("Concat", [
+        constant("sampled_dims", np.array([-1, offset_group, channels // offset_group, taps], np.int64)), out_size],
+        "sampled_shape", axis=0)], "sampled_taps")  # [N, G, C/G, T, H', W']
+    if not _expanded_ones(model, mask):  # v1's mask of ones costs no pass
+        modulation = add("Reshape", [mask, add("Concat", [
+            constant("mask_dims", np.array([-1, offset_group, 1, taps], np.int64)), out_size], "mask_shape", axis=0)],
+            "modulation")
+        sampled = add("Mul", [sampled, modulation], "modulated")
+    columns = add("Reshape", [sampled, add("Concat", [
+        constant("column_dims", np.array([-1, channels * taps], np.int64)), out_size], "column_shape", axis=0)],
+        "columns")  # [N, C*T, H', W'], channel c*T + t
+    weight = onnx.numpy_helper.to_array(initializers[W]).reshape(out_channels, group_channels * taps, 1, 1)
+    nodes.append(helper.make_node("Conv", [columns, constant("weight", weight), B], list(node.output),
+                                  name=prefix + SAMPLED_CONV_SUFFIX, group=group))
+    for new in nodes:
+        new.metadata_props.extend(node.metadata_props)
+    position = list(graph.node).index(node)
+    graph.node.remove(node)
+    for offset_index, new in enumerate(nodes):
+        graph.node.insert(position + offset_index, new)
+    if not any(W in other.input for other in graph.node):
+        graph.initializer.remove(initializers[W])
+    return nodes
+
+
+def _expanded_ones(model: onnx.ModelProto, name: str) -> bool:
+    """Whether `name` is an initializer of ones, as it is or through Expand (how v1's mask of ones exports)."""
+    producer = next((n for n in model.graph.node if name in n.output), None)
+    if producer is not None and producer.op_type == "Expand":
+        name = producer.input[0]
+    elif producer is not None:
+        return False
+    value = next((t for t in model.graph.initializer if t.name == name), None)
+    return value is not None and bool(np.all(onnx.numpy_helper.to_array(value) == 1))
+
+
 DEFORM_CONV2D = CustomOp(
     torch_op=torch.ops.deploykit.deform_conv2d.default, op_type=OP_TYPE, inputs=INPUTS, outputs=("Y",),
     attributes=ATTRIBUTES, body=function_body, standard_lowering=gather_lowering, min_opset=BODY_OPSET,

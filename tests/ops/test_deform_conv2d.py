@@ -18,8 +18,9 @@ from deploykit.errors import DeployError
 from deploykit.export.custom_op import DOMAIN, PLUGIN_NAMESPACE
 from deploykit.export.onnx import onnx_from_model
 from deploykit.export.passes import run_passes
-from deploykit.ops.deform_conv2d import (DEFORM_CONV2D, INPUTS, TRT_OSS_INPUTS, TRT_PLUGIN_DOMAIN, deform_conv2d,
-                                         deform_conv2d_reference, output_size, to_trt_oss_plugin)
+from deploykit.ops.deform_conv2d import (DEFORM_CONV2D, INPUTS, SAMPLED_CONV_SUFFIX, TRT_OSS_INPUTS,
+                                         TRT_PLUGIN_DOMAIN, deform_conv2d, deform_conv2d_reference, output_size,
+                                         to_sampled_conv, to_trt_oss_plugin)
 from deploykit.runtime.ort import session_from_onnx
 from deploykit.verify import rel_to_range
 
@@ -236,3 +237,30 @@ def test_is_registered_for_export():
     from deploykit.variants import custom_ops
 
     assert DEFORM_CONV2D in custom_ops() and DEFORM_CONV2D.min_opset == 19 and not DEFORM_CONV2D.prefer_standard
+
+
+@pytest.mark.parametrize("index", range(0, len(CONFIGS), 2))
+def test_sampled_conv_form_matches_the_float64_formula(index):
+    """The int8 file's form (GridSample taps + a 1x1 Conv, `to_sampled_conv`) computes the op at any batch and
+    input size, taps across the borders included."""
+    config = CONFIGS[index]
+    layer = Layer(config, index).eval()
+    model, _ = run_passes(onnx_from_model(layer, random_tensors(config, batch=2)["input"], dynamic_spatial=True))
+    [node] = deploykit_nodes(model)
+    nodes = to_sampled_conv(model, node)
+    assert not deploykit_nodes(model) and nodes[-1].op_type == "Conv" and nodes[-1].name.endswith(SAMPLED_CONV_SUFFIX)
+    assert "GridSample" in {n.op_type for n in nodes} and node.input[1] not in {t.name for t in model.graph.initializer}
+    assert any(n.name.endswith("/modulated") for n in nodes) == config["masked"]  # v1's ones are not multiplied
+    session = session_from_onnx(model, ["cpu"])
+    for batch, grow in ((1, 0), (3, 2)):
+        grown = dict(config, height=config["height"] + grow, width=config["width"] + 2 * grow)
+        x = random_tensors(grown, seed=batch, batch=batch)["input"]
+        with torch.no_grad():
+            out = layer.predict(x)
+        split = 2 * config["offset_group"] * config["kernel"] ** 2
+        mask = torch.sigmoid(out[:, split:]) if config["masked"] else torch.ones_like(out[:, split:])
+        expected = deform_conv2d_reference(x.double().numpy(), layer.weight.detach().double().numpy(),
+                                           out[:, :split].double().numpy(), layer.bias.detach().double().numpy(),
+                                           mask.double().numpy(), config["stride"], config["padding"] * 2,
+                                           config["dilation"], config["group"], config["offset_group"])
+        assert rel_to_range(session.run(None, {"input": x.numpy()})[0], expected) <= 1e-4
