@@ -149,6 +149,8 @@ def test_int8_export_of_each_family_passes_on_photos(family, photos, tmp_path):
         assert ops & {"DynamicConv2dQDQ"} and "DynamicConv2d" not in ops
         assert [d["attention"].split(":")[0] for d in section["dynamic_convs"]] == \
             [{"condconv": "sigmoid", "dyconv": "softmax", "odconv": "softmax"}[family]]
+    if family == "odconv":  # its attention's spatial mean as a pool; the head's mean (not kept 4-D) stays
+        assert "GlobalAveragePool" in ops and [n.op_type for n in int8.graph.node].count("ReduceMean") == 1
     if family == "deform_conv":  # float taps, then a 1x1 conv in int8
         assert "GridSample" in ops and "DeformConv2d" not in ops
         assert [q["op"] for q in section["quantized"] if q["node"].endswith(SAMPLED_CONV_SUFFIX)] == ["Conv"]
