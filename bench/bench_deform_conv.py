@@ -9,6 +9,8 @@ Rows (the layer takes x, offset and mask as inputs, so only the op is timed, not
                deploykit::DeformConv2d     the node (body: ONNX DeformConv, onnxruntime's native kernel)
                ONNX DeformConv (bare)      a hand-built single DeformConv node: what the node should cost
                standard-op fallback        --lowering standard (Gather + ReduceSum + MatMul), for opset 18
+               sampled form, fp32          the int8 file's form in float (`to_sampled_conv`: GridSample + 1x1 Conv)
+               sampled form, int8          that form quantized (`quantize_int8`: the 1x1 conv in int8)
   PyTorch      static conv                 F.conv2d, eager
                deform_conv2d               deploykit's implementation (embedding_bag + MatMul), eager
 Ratios are to the static conv of the same runtime and batch. Shared VMs are noisy: every row is timed in `--rounds`
@@ -27,11 +29,12 @@ import torch.nn.functional as F
 
 from deploykit.export.onnx import onnx_from_model
 from deploykit.export.passes import run_passes
-from deploykit.ops.deform_conv2d import deform_conv2d
+from deploykit.ops.deform_conv2d import OP_TYPE, deform_conv2d, to_sampled_conv
+from deploykit.quantize import quantize_int8
 from deploykit.runtime.ort import session_from_onnx
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from bench_latency import median_ms  # noqa: E402
+from bench_latency import interleaved_ms  # noqa: E402
 
 
 class DeformLayer(torch.nn.Module):
@@ -56,6 +59,12 @@ def bare_deform_conv_model(weight: torch.Tensor) -> onnx.ModelProto:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
         initializer=[onnx.numpy_helper.from_array(weight.detach().numpy(), "weight")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def sampled_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    [node] = [n for n in model.graph.node if n.op_type == OP_TYPE]
+    to_sampled_conv(model, node)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +94,18 @@ def main(argv: list[str] | None = None) -> int:
             return session_from_onnx(run_passes(model)[0], ["cpu"], threads=args.threads)
 
         names = ("input", "offset", "mask")
+        node_model = run_passes(onnx_from_model(layer, example(2), input_names=names))[0]
+        calibration = [dict(zip(names, (t.numpy() for t in example(4)))) for _ in range(2)]
         sessions = {
             "static conv": (session(onnx_from_model(static, example(2)[0])), 1),
             "deploykit::DeformConv2d": (session(onnx_from_model(layer, example(2), input_names=names)), 3),
             "ONNX DeformConv (bare)": (session(bare_deform_conv_model(static.weight)), 3),
             "standard-op fallback": (session(onnx_from_model(layer, example(2), input_names=names,
                                                               lowering="standard")), 3),
+            "sampled form, fp32": (session(sampled_form(onnx.ModelProto.FromString(
+                node_model.SerializeToString()))), 3),
+            "sampled form, int8": (session_from_onnx(quantize_int8(node_model, calibration).model, ["cpu"],
+                                                     threads=args.threads), 3),
         }
         for batch in args.batches:
             inputs = example(batch)
@@ -103,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             times = {key: float("inf") for key in timed}
             with torch.no_grad():
                 for _ in range(args.rounds):
-                    for key, fn in timed.items():
-                        times[key] = min(times[key], median_ms(fn, args.runs, 5)[0])
+                    for key, (median, _) in interleaved_ms(timed, args.runs, 3).items():
+                        times[key] = min(times[key], median)
             for (runtime, name), ms in times.items():
                 floor = times[(runtime, "static conv")]
                 print(f"{case + ' b' + str(batch):14} {runtime:12} {name:26} {ms:8.2f} {ms / floor:9.2f}x")

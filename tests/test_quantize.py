@@ -48,10 +48,10 @@ class TinyNet(nn.Module):
 class RoutedCondConv(nn.Module):
     """CondConv as EfficientNet-CC uses it: the routing computed from the layer's own input."""
 
-    def __init__(self, channels: int, experts: int = 4) -> None:
+    def __init__(self, channels: int, experts: int = 4, groups: int = 1) -> None:
         super().__init__()
         self.routing = CondConvRouting(channels, experts)
-        self.conv = CondConv2d(channels, channels, 3, padding=1, num_experts=experts)
+        self.conv = CondConv2d(channels, channels, 3, padding=1, groups=groups, num_experts=experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x, self.routing(x))
@@ -59,6 +59,7 @@ class RoutedCondConv(nn.Module):
 
 FAMILIES = {
     "condconv": lambda: RoutedCondConv(16),
+    "condconv_depthwise": lambda: RoutedCondConv(16, groups=16),  # as most of EfficientNet-CC's
     "dyconv": lambda: DyConv2d(16, 16, 3, padding=1, K=4, temperature=1),
     "odconv": lambda: ODConv2d(16, 16, 3, padding=1, kernel_num=4),
     "scconv": lambda: SCConv(16, 16, pooling_r=2, norm_layer=nn.BatchNorm2d),
@@ -145,10 +146,10 @@ def test_int8_export_of_each_family_passes_on_photos(family, photos, tmp_path):
     int8 = onnx.load(result.files["model.int8.onnx"])
     ops = {node.op_type for node in int8.graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    if family in ("condconv", "dyconv", "odconv"):
+    if family.split("_")[0] in ("condconv", "dyconv", "odconv"):
         assert ops & {"DynamicConv2dQDQ"} and "DynamicConv2d" not in ops
         assert [d["attention"].split(":")[0] for d in section["dynamic_convs"]] == \
-            [{"condconv": "sigmoid", "dyconv": "softmax", "odconv": "softmax"}[family]]
+            [{"condconv": "sigmoid", "dyconv": "softmax", "odconv": "softmax"}[family.split("_")[0]]]
     if family == "odconv":  # its attention's spatial mean as a pool; the head's mean (not kept 4-D) stays
         assert "GlobalAveragePool" in ops and [n.op_type for n in int8.graph.node].count("ReduceMean") == 1
     if family == "deform_conv":  # float taps, then a 1x1 conv in int8

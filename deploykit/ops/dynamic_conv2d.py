@@ -356,7 +356,7 @@ def _fake_quantize(value, scale, zero_point, low: int, high: int, channel_shape:
         scale, zero_point = (ov.reshape(v, _ov_ints(*channel_shape), False) for v in (scale, zero_point))
     bounds = [ov.multiply(ov.subtract(ov.constant(np.array(edge, dtype.to_dtype())), zero_point), scale)
               for edge in (low, high)]
-    return ov.fake_quantize(value, *bounds, *bounds, high - low + 1)
+    return ov.fake_quantize(value, *bounds, *bounds, high - low + 1).output(0)
 
 
 def _openvino_dynamic_conv(node, quantized: bool) -> list:
