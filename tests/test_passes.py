@@ -47,6 +47,28 @@ def test_folded_and_unfolded_graphs_compute_the_same():
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.parametrize("batch", [3, "batch"])
+def test_shape_ranges_fold_to_the_dims_they_name(batch):
+    """y = x * Gather(Shape(x, start=2), 1) + Sum(Shape(x, start=2)): the width and height+width, whether the whole
+    shape is static or only the sliced dims are (onnx-graphsurgeon 0.6.1 alone folds both wrongly)."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["size"], name="size", start=2),
+        helper.make_node("Gather", ["size", "one"], ["width"], name="width"),
+        helper.make_node("ReduceSum", ["size"], ["extent"], name="extent"),
+        helper.make_node("Add", ["width", "extent"], ["both"], name="both"),
+        helper.make_node("Cast", ["both"], ["factor"], name="factor", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "factor"], ["y"], name="mul"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 18, 12, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.int64(1), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    folded, _ = run_passes(model)
+    assert [n.op_type for n in folded.graph.node] == ["Mul"]
+    x = np.random.default_rng(0).standard_normal((3, 18, 12, 9)).astype(np.float32)
+    np.testing.assert_allclose(session_from_onnx(folded, ["cpu"]).run(None, {"x": x})[0], x * (9 + 12 + 9), rtol=1e-6)
+
+
 def test_check_rejects_an_invalid_model():
     model = weight_generating_model()
     model.graph.node[2].input[1] = "does_not_exist"

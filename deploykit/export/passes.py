@@ -5,8 +5,11 @@
    depend on a graph input are never touched.
    `check_folded` then asserts that no input-independent node is left: a deployed graph must not recompute
    weights on every run.
-2. `fold_batchnorm` (`deploykit/export/fold_batchnorm.py`): BatchNorms behind a ``deploykit::DynamicConv2d`` node,
-   or behind ODConv's filter-attention Mul, fold into the conv's kernel and bias banks (runtimes fuse only a
+   Before folding, every ``Shape`` with ``start``/``end`` becomes ``Shape`` + ``Slice``: onnx-graphsurgeon 0.6.1
+   folds such a node as if it had neither (a static [2, 18, 12, 9] tensor's ``Shape(start=2)`` became
+   [2, 18, 12, 9], and ``Gather(Shape(start=2), 1)`` gave 18 where 9 was right).
+2. `fold_batchnorm` (`deploykit/export/fold_batchnorm.py`): BatchNorms behind a ``deploykit::DynamicConv2d`` or
+   ``deploykit::DeformConv2d`` node, or behind ODConv's filter-attention Mul, fold into the conv's kernel and bias banks (runtimes fuse only a
    BatchNorm directly behind a standard Conv); exact, see that module for which shifts can move into the bias.
 3. `infer_shapes`: strict ONNX shape inference; ``deploykit::`` nodes are inferred through their function bodies.
 4. `check_custom_nodes`: every node outside the standard domains must carry a function body.
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper
 from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
 
 from deploykit.errors import DeployError
@@ -75,7 +79,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace input-independent subgraphs by their values, then drop dead nodes and sort topologically."""
     saved, GS_LOGGER.severity = GS_LOGGER.severity, GS_LOGGER.ERROR  # its size warnings would go to stdout
     try:
-        graph = gs.import_onnx(model)
+        graph = gs.import_onnx(_shape_ranges_as_slices(model))
         # "basic" partitioning folds what it can even if one node in a foldable region fails to evaluate. One round
         # can leave a node whose input only became constant in that round (a ConstantOfShape of a folded shape, seen
         # in the deformable-conv fallback), so fold until nothing changes.
@@ -91,6 +95,34 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     _keep_model_fields(model, folded)
     _keep_node_metadata(model, folded)
     return folded
+
+
+def _shape_ranges_as_slices(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`, or a copy in which each main-graph ``Shape`` node with ``start`` or ``end`` is a plain ``Shape``
+    followed by the ``Slice`` it equals (the same output name), which onnx-graphsurgeon folds correctly."""
+    ranged = [node for node in model.graph.node
+              if node.op_type == "Shape" and not node.domain and any(a.name in ("start", "end") for a in node.attribute)]
+    if not ranged:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    nodes = list(copy.graph.node)
+    del copy.graph.node[:]
+    for node in nodes:
+        bounds = {a.name: a.i for a in node.attribute}
+        if node.op_type != "Shape" or node.domain or not ({"start", "end"} & set(bounds)):
+            copy.graph.node.append(node)
+            continue
+        whole, starts, ends = (f"{node.output[0]}_{suffix}" for suffix in ("whole", "start", "end"))
+        copy.graph.initializer.extend([onnx.numpy_helper.from_array(np.array([bounds.get("start", 0)]), starts),
+                                       onnx.numpy_helper.from_array(np.array([bounds.get("end", 2 ** 62)]), ends)])
+        shape = helper.make_node("Shape", list(node.input), [whole], name=f"{node.name or node.output[0]}_whole")
+        shape.metadata_props.extend(node.metadata_props)
+        node.ClearField("attribute")
+        node.op_type = "Slice"
+        node.input[:] = [whole, starts, ends]
+        copy.graph.node.extend([shape, node])
+    return copy
 
 
 def _keep_node_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:

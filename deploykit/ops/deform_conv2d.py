@@ -397,8 +397,15 @@ def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.N
     tap_y = (np.repeat(np.arange(kh), kw) * dilations[0] - pads[0]).astype(np.float32).reshape(taps, 1, 1)
     tap_x = (np.tile(np.arange(kw), kh) * dilations[1] - pads[1]).astype(np.float32).reshape(taps, 1, 1)
     zero, one, two = constant("zero", np.int64(0)), constant("one", np.int64(1)), constant("two", np.float32(2))
-    out_size = add("Shape", [offset], "out_size", start=2)  # [H', W']
-    in_size = add("Cast", [add("Shape", [X], "in_size", start=2)], "in_size_float", to=onnx.TensorProto.FLOAT)
+    spatial = constant("spatial_start", np.array([2])), constant("spatial_end", np.array([4]))
+
+    def size_of(name: str, label: str) -> str:
+        """[H, W] of a 4-D value (Shape then Slice: graphsurgeon's constant folding ignores Shape's start)."""
+        return add("Slice", [add("Shape", [name], f"{label}_shape"), *spatial], label)
+
+    out_size = size_of(offset, "out_size")  # [H', W']
+    image_size = size_of(X, "in_size")
+    in_size = add("Cast", [image_size], "in_size_float", to=onnx.TensorProto.FLOAT)
     positions = []
     for axis, (taps_at, row_shape) in enumerate(((tap_y, [1, -1, 1]), (tap_x, [1, 1, -1]))):
         name = "yx"[axis]
@@ -435,7 +442,7 @@ def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.N
                "grid")  # [N*G, T*H', W', 2]
     grouped = add("Reshape", [X, add("Concat", [constant("grouped_dims", np.array([-1, channels // offset_group],
                                                                                     np.int64)),
-                                                 add("Shape", [X], "image_size", start=2)], "grouped_shape", axis=0)],
+                                                 image_size], "grouped_shape", axis=0)],
                   "grouped")  # [N*G, C/G, H, W]
     sampled = add("GridSample", [grouped, grid], "sampled", mode="linear" if opset >= 20 else "bilinear",
                   padding_mode="zeros", align_corners=0)  # [N*G, C/G, T*H', W']

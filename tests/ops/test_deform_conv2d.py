@@ -264,3 +264,18 @@ def test_sampled_conv_form_matches_the_float64_formula(index):
                                            mask.double().numpy(), config["stride"], config["padding"] * 2,
                                            config["dilation"], config["group"], config["offset_group"])
         assert rel_to_range(session.run(None, {"input": x.numpy()})[0], expected) <= 1e-4
+
+
+def test_sampled_conv_form_survives_the_graph_passes_at_a_static_size():
+    """With a static input size the passes fold the form's shape arithmetic; the folded file still computes the op
+    (graphsurgeon's folding once mis-read a ``Shape`` with ``start``)."""
+    config = dict(CONFIGS[3], height=12, width=9)
+    layer = Layer(config, 3).eval()
+    x = random_tensors(config, batch=2)["input"]
+    model, _ = run_passes(onnx_from_model(layer, x))
+    [node] = deploykit_nodes(model)
+    to_sampled_conv(model, node)
+    folded, _ = run_passes(model)
+    with torch.no_grad():
+        expected = layer(x).numpy()
+    assert rel_to_range(session_from_onnx(folded, ["cpu"]).run(None, {"input": x.numpy()})[0], expected) <= 1e-4
