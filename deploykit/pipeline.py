@@ -84,6 +84,9 @@ def _export(config: ExportConfig, raise_on_mismatch: bool) -> ExportResult:
     if config.engine:  # fail before any slow step when TensorRT or the plugin library is missing
         trt_version = trt.require_tensorrt()
         plugin_library = trt.find_plugin_library(config.plugins)
+    missing = [str(path) for path in config.calibration or () if not Path(path).exists()]
+    if missing:  # before the fp32 export and its check, not after them
+        raise DeployError(f"--calibration {', '.join(missing)}: no such file or directory.")
 
     checkpoint = _load(config, timings)
     factory = config.arch if is_factory(config.arch) else None
@@ -568,9 +571,6 @@ def _calibration_feeds(config: ExportConfig, arch: str | None, names: list[str],
                        shapes: list[tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
     """The --calibration inputs, read like --images (image files, directories; one-input image models) and --inputs
     (.npz files, one array per input), in batches of at most `CALIBRATION_BATCH` at the verification inputs' sizes."""
-    missing = [str(p) for p in config.calibration if not Path(p).exists()]
-    if missing:
-        raise DeployError(f"--calibration {', '.join(missing)}: no such file or directory.")
     npz = [Path(p) for p in config.calibration if Path(p).suffix.lower() == ".npz"]
     images = [p for p in config.calibration if Path(p).suffix.lower() != ".npz"]
     if images and len(names) > 1:

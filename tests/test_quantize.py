@@ -246,6 +246,7 @@ def test_cli_flags_reach_the_config():
 def test_missing_calibration_file_is_one_sentence_and_writes_nothing(photos, tmp_path):
     config = int8_config(tiny_model("dyconv"), photos, tmp_path)
     config.calibration = [tmp_path / "missing"]
+    config.model = tmp_path / "never-read.pt"  # said before the model is even loaded, let alone exported
     with pytest.raises(DeployError, match="--calibration .*missing: no such file or directory"):
         export_model(config)
     assert not (tmp_path / "out").exists()
