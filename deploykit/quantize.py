@@ -286,11 +286,17 @@ def _sampled_deform_convs(model: onnx.ModelProto, kept: set[str]) -> tuple[onnx.
     sampling = {}
     for node in [n for n in copy.graph.node if n.name in {m.name for m in nodes}]:
         sampling.update(dict.fromkeys((new.name for new in to_sampled_conv(copy, node)[:-1]), SAMPLING_REASON))
-    if not any(n.domain == DOMAIN and n.op_type == DEFORM_CONV for n in copy.graph.node):
-        kept_functions = [f for f in copy.functions if not (f.domain == DOMAIN and f.name == DEFORM_CONV)]
-        del copy.functions[:]
-        copy.functions.extend(kept_functions)
+    _drop_function_if_unused(copy, DEFORM_CONV)
     return copy, sampling
+
+
+def _drop_function_if_unused(model: onnx.ModelProto, op_type: str) -> None:
+    """Remove the ``deploykit::<op_type>`` function body from `model` if no node calls it any more, in place."""
+    if any(n.domain == DOMAIN and n.op_type == op_type for n in model.graph.node):
+        return
+    kept_functions = [f for f in model.functions if not (f.domain == DOMAIN and f.name == op_type)]
+    del model.functions[:]
+    model.functions.extend(kept_functions)
 
 
 # --- spatial means -----------------------------------------------------------------------------------------------
@@ -368,10 +374,7 @@ def _quantize_dynamic_convs(fp32: onnx.ModelProto, model: onnx.ModelProto, feeds
                                                                   float(parameters["w_scale"].max())]})
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     model.functions.append(quantized_function_body(opset))
-    if not any(n.op_type == DYNAMIC_CONV for n in model.graph.node if n.domain == DOMAIN):
-        kept_functions = [f for f in model.functions if not (f.domain == DOMAIN and f.name == DYNAMIC_CONV)]
-        del model.functions[:]
-        model.functions.extend(kept_functions)
+    _drop_function_if_unused(model, DYNAMIC_CONV)
     return summary
 
 

@@ -361,7 +361,7 @@ SAMPLED_CONV_SUFFIX = "/conv"
 
 
 def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """Rewrite one ``deploykit::DeformConv2d`` node of `model`'s main graph (constant W and B) as standard ops, in
+    """Rewrite one ``deploykit::DeformConv2d`` node of `model`'s main graph (W an initializer) as standard ops, in
     place: the bilinear taps sampled by one ``GridSample`` (zeros outside the image: the contract's border), scaled
     by the mask, then a 1x1 ``Conv`` over the C*kH*kW sampled channels, which a quantizer can run in int8 with
     per-channel constant weights. Batch and spatial size stay dynamic. Returns the new nodes: every node but the
@@ -400,7 +400,7 @@ def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.N
     spatial = constant("spatial_start", np.array([2])), constant("spatial_end", np.array([4]))
 
     def size_of(name: str, label: str) -> str:
-        """[H, W] of a 4-D value (Shape then Slice: graphsurgeon's constant folding ignores Shape's start)."""
+        """[H, W] of a 4-D value, as Shape then Slice (onnx-graphsurgeon 0.6.1 folds a Shape with start wrongly)."""
         return add("Slice", [add("Shape", [name], f"{label}_shape"), *spatial], label)
 
     out_size = size_of(offset, "out_size")  # [H', W']
