@@ -35,6 +35,13 @@ def tree(root: Path) -> list[str]:
     return sorted(found)
 
 
+def as_foreground_job() -> None:
+    """Run in the child before exec: Ctrl-C's default action, as an interactive shell gives a foreground job. A test
+    run started in the background of a script (``pytest &``) ignores SIGINT, and a child inherits an ignored signal:
+    the export would then never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -66,7 +73,7 @@ def test_signal_during_the_export_leaves_nothing(tmp_path, small_checkpoint, sig
     before = tree(tmp_path)  # the default output directory, deploykit-out/<class>, would appear here
     process = subprocess.Popen([sys.executable, str(REPO / "export.py"), "--model", str(small_checkpoint),
                                 "--trust-pickle", "--input-shape", "1x3x16x16"], cwd=tmp_path, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.DEVNULL, text=True, preexec_fn=as_foreground_job)
     lines = []
     try:
         for line in process.stderr:  # wait until the export stage has started
