@@ -9,7 +9,7 @@ input and output scales are calibrated here on the same inputs, and its kernel s
 kernel bank (`aggregated_kernel_bound`), valid for every sample of any batch. Every ``deploykit::DeformConv2d``
 node is first rewritten as its bilinear taps (float ``GridSample``) feeding a 1x1 conv over the sampled channels
 (`deploykit.ops.deform_conv2d.to_sampled_conv`), which the quantizer runs in int8 like any conv, and every spatial
-mean becomes the ``GlobalAveragePool`` it equals (`_global_average_pools`). TVConv's per-pixel conv stays float
+mean becomes the ``GlobalAveragePool`` it equals (`_pool_spatial_means`). TVConv's per-pixel conv stays float
 (docs/quantization.md says why and what was measured).
 
 The float64 rule of `deploykit.verify` cannot judge an int8 file: its error is quantization noise, orders of
@@ -87,8 +87,9 @@ def quantize_int8(model: onnx.ModelProto, calibration_feeds: Sequence[Feed], kee
     if not calibration_feeds:
         raise DeployError("int8 quantization needs calibration inputs; pass images or an .npz with --calibration.")
     kept = nodes_of(model, keep_float)
-    model, sampling = _sampled_deform_convs(model, kept)
-    model = _global_average_pools(model)
+    model = _copy(model)  # the int8 forms below rewrite it; the caller's fp32 model stays as it is
+    sampling = _sample_deform_convs(model, kept)
+    _pool_spatial_means(model)
     by_design = {**_float_by_design(model), **sampling}
     with tempfile.TemporaryDirectory(prefix="deploykit-int8-") as scratch:
         source, target = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
@@ -273,21 +274,24 @@ SAMPLING_REASON = ("deformable sampling: bilinear taps at run-time offsets (Grid
                    "they feed runs in int8")
 
 
-def _sampled_deform_convs(model: onnx.ModelProto, kept: set[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of `model` with every ``deploykit::DeformConv2d`` node not kept in float in its sampled form
-    (`deploykit.ops.deform_conv2d.to_sampled_conv`: float taps, then a 1x1 conv that the quantizer runs in int8
-    with per-channel weights); and the sampling nodes, each with why it stays float."""
-    nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == DEFORM_CONV and n.name not in kept
-             and n.input[1] in {t.name for t in model.graph.initializer}]
-    if not nodes:
-        return model, {}
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    return copy
+
+
+def _sample_deform_convs(model: onnx.ModelProto, kept: set[str]) -> dict[str, str]:
+    """Put every ``deploykit::DeformConv2d`` node not kept in float in its sampled form, in place
+    (`deploykit.ops.deform_conv2d.to_sampled_conv`: float taps, then a 1x1 conv that the quantizer runs in int8
+    with per-channel weights); return the sampling nodes, each with why it stays float."""
+    weights = {t.name for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == DEFORM_CONV and n.name not in kept
+             and n.input[1] in weights]
     sampling = {}
-    for node in [n for n in copy.graph.node if n.name in {m.name for m in nodes}]:
-        sampling.update(dict.fromkeys((new.name for new in to_sampled_conv(copy, node)[:-1]), SAMPLING_REASON))
-    _drop_function_if_unused(copy, DEFORM_CONV)
-    return copy, sampling
+    for node in nodes:
+        sampling.update(dict.fromkeys((new.name for new in to_sampled_conv(model, node)[:-1]), SAMPLING_REASON))
+    _drop_function_if_unused(model, DEFORM_CONV)
+    return sampling
 
 
 def _drop_function_if_unused(model: onnx.ModelProto, op_type: str) -> None:
@@ -301,12 +305,12 @@ def _drop_function_if_unused(model: onnx.ModelProto, op_type: str) -> None:
 
 # --- spatial means -----------------------------------------------------------------------------------------------
 
-def _global_average_pools(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every spatial mean of a 4-D tensor (``ReduceMean`` over axes 2 and 3, kept) as the
-    ``GlobalAveragePool`` it equals; the same name and metadata. Attention branches (ODConv, SE, DyConv) open with
-    one; measured on od_resnet50's int8 file in onnxruntime 1.32: 73 -> 54 ms median at batch 1 with bit-identical
-    outputs (ReduceMean there reads channels-first float from a transpose of the int8 convs' channels-last output;
-    the pool stays in their layout), the fp32 file unchanged."""
+def _pool_spatial_means(model: onnx.ModelProto) -> None:
+    """Write every spatial mean of a 4-D tensor (``ReduceMean`` over axes 2 and 3, kept) as the ``GlobalAveragePool``
+    it equals, in place; the same name and metadata. Attention branches (ODConv, SE, DyConv) open with one; measured
+    on od_resnet50's int8 file in onnxruntime 1.32: 73 -> 54 ms median at batch 1 with bit-identical outputs
+    (ReduceMean there reads channels-first float from a transpose of the int8 convs' channels-last output; the pool
+    stays in their layout), the fp32 file unchanged."""
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*model.graph.value_info, *model.graph.input)
              if v.type.tensor_type.HasField("shape")}
@@ -320,22 +324,15 @@ def _global_average_pools(model: onnx.ModelProto) -> onnx.ModelProto:
         return node.op_type == "ReduceMean" and not node.domain and rank == 4 and axes is not None and \
             sorted(a % rank for a in axes) == [2, 3] and attributes.get("keepdims", 1) == 1
 
-    names = {node.name for node in model.graph.node if spatial_mean(node)}
-    if not names:
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
     axes = set()
-    for node in copy.graph.node:
-        if node.name in names:
-            node.op_type = "GlobalAveragePool"
-            axes.update(node.input[1:])
-            del node.input[1:]
-            del node.attribute[:]
-    read = {name for node in copy.graph.node for name in node.input}
-    for tensor in [t for t in copy.graph.initializer if t.name in axes - read]:
-        copy.graph.initializer.remove(tensor)
-    return copy
+    for node in [node for node in model.graph.node if spatial_mean(node)]:
+        node.op_type = "GlobalAveragePool"
+        axes.update(node.input[1:])
+        del node.input[1:]
+        del node.attribute[:]
+    read = {name for node in model.graph.node for name in node.input}
+    for tensor in [t for t in model.graph.initializer if t.name in axes - read]:
+        model.graph.initializer.remove(tensor)
 
 
 # --- dynamic convs -----------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Fold inference BatchNorms into the convolution before them, where no runtime can.
 
 ONNX Runtime and TensorRT fuse ``Conv -> BatchNormalization`` themselves, but not a BatchNorm behind a
-``deploykit::DynamicConv2d`` or ``deploykit::DeformConv2d`` node (a custom op: its body is inlined, or a plugin runs it) nor one behind ODConv's
-filter-attention ``Mul``. For those, with BN(y) = s * y + t per output channel m (s = gamma / sqrt(var + eps),
+``deploykit::DynamicConv2d`` or ``deploykit::DeformConv2d`` node (a custom op: its body is inlined, or a plugin runs
+it) nor one behind ODConv's filter-attention ``Mul``. For those, with BN(y) = s * y + t per output channel m (s = gamma / sqrt(var + eps),
 t = beta - mean * s), this pass rewrites the graph exactly:
 
 - ``DynamicConv2d -> BN``, Y[n] = conv(X[n], S[n] * sum_k A[n,k] W[k]) + sum_k A[n,k] B[k]:
@@ -174,11 +174,9 @@ def _rows_sum_to_one(name: str, kernels: int, index: _Index) -> bool:
 
 def _apply(model: onnx.ModelProto, index: _Index, fold: _Fold) -> None:
     conv, norm = fold.conv, fold.norm
-    if conv.op_type == "Conv":  # W [M, C/g, kH, kW], bias [M]
+    if conv.op_type != DYNAMIC_CONV2D:  # Conv, DeformConv2d: W [M, C/g, kH, kW], bias [M] (DeformConv2d's always)
         weight_axes, bias_shape = (slice(None), None, None, None), (-1,)
-        bias = 2 if len(conv.input) > 2 and conv.input[2] else None
-    elif conv.op_type == DEFORM_CONV2D:  # the same layout, B always present
-        weight_axes, bias_shape, bias = (slice(None), None, None, None), (-1,), 3
+        bias = 3 if conv.op_type == DEFORM_CONV2D else 2 if len(conv.input) > 2 and conv.input[2] else None
     else:  # W [K, M, C/g, kH, kW], B [K, M]
         weight_axes, bias_shape, bias = (None, slice(None), None, None, None), (1, -1), 3
     _replace_constant(model, index, conv, 1, lambda w: w * fold.scale[weight_axes])

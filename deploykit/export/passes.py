@@ -9,8 +9,9 @@
    folds such a node as if it had neither (a static [2, 18, 12, 9] tensor's ``Shape(start=2)`` became
    [2, 18, 12, 9], and ``Gather(Shape(start=2), 1)`` gave 18 where 9 was right).
 2. `fold_batchnorm` (`deploykit/export/fold_batchnorm.py`): BatchNorms behind a ``deploykit::DynamicConv2d`` or
-   ``deploykit::DeformConv2d`` node, or behind ODConv's filter-attention Mul, fold into the conv's kernel and bias banks (runtimes fuse only a
-   BatchNorm directly behind a standard Conv); exact, see that module for which shifts can move into the bias.
+   ``deploykit::DeformConv2d`` node, or behind ODConv's filter-attention Mul, fold into the conv's kernel and bias
+   banks (runtimes fuse only a BatchNorm directly behind a standard Conv); exact, see that module for which shifts
+   can move into the bias.
 3. `infer_shapes`: strict ONNX shape inference; ``deploykit::`` nodes are inferred through their function bodies.
 4. `check_custom_nodes`: every node outside the standard domains must carry a function body.
 5. `check`: ``onnx.checker.check_model(full_check=True)`` and an IR version onnxruntime accepts.
@@ -100,19 +101,20 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 def _shape_ranges_as_slices(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model`, or a copy in which each main-graph ``Shape`` node with ``start`` or ``end`` is a plain ``Shape``
     followed by the ``Slice`` it equals (the same output name), which onnx-graphsurgeon folds correctly."""
-    ranged = [node for node in model.graph.node
-              if node.op_type == "Shape" and not node.domain and any(a.name in ("start", "end") for a in node.attribute)]
-    if not ranged:
+    def ranged(node: onnx.NodeProto) -> bool:
+        return node.op_type == "Shape" and not node.domain and any(a.name in ("start", "end") for a in node.attribute)
+
+    if not any(ranged(node) for node in model.graph.node):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     nodes = list(copy.graph.node)
     del copy.graph.node[:]
     for node in nodes:
-        bounds = {a.name: a.i for a in node.attribute}
-        if node.op_type != "Shape" or node.domain or not ({"start", "end"} & set(bounds)):
+        if not ranged(node):
             copy.graph.node.append(node)
             continue
+        bounds = {a.name: a.i for a in node.attribute}
         whole, starts, ends = (f"{node.output[0]}_{suffix}" for suffix in ("whole", "start", "end"))
         copy.graph.initializer.extend([onnx.numpy_helper.from_array(np.array([bounds.get("start", 0)]), starts),
                                        onnx.numpy_helper.from_array(np.array([bounds.get("end", 2 ** 62)]), ends)])

@@ -397,14 +397,8 @@ def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.N
     tap_y = (np.repeat(np.arange(kh), kw) * dilations[0] - pads[0]).astype(np.float32).reshape(taps, 1, 1)
     tap_x = (np.tile(np.arange(kw), kh) * dilations[1] - pads[1]).astype(np.float32).reshape(taps, 1, 1)
     zero, one, two = constant("zero", np.int64(0)), constant("one", np.int64(1)), constant("two", np.float32(2))
-    spatial = constant("spatial_start", np.array([2])), constant("spatial_end", np.array([4]))
-
-    def size_of(name: str, label: str) -> str:
-        """[H, W] of a 4-D value, as Shape then Slice (onnx-graphsurgeon 0.6.1 folds a Shape with start wrongly)."""
-        return add("Slice", [add("Shape", [name], f"{label}_shape"), *spatial], label)
-
-    out_size = size_of(offset, "out_size")  # [H', W']
-    image_size = size_of(X, "in_size")
+    out_size = add("Shape", [offset], "out_size", start=2)  # [H', W']
+    image_size = add("Shape", [X], "in_size", start=2)
     in_size = add("Cast", [image_size], "in_size_float", to=onnx.TensorProto.FLOAT)
     positions = []
     for axis, (taps_at, row_shape) in enumerate(((tap_y, [1, -1, 1]), (tap_x, [1, 1, -1]))):
