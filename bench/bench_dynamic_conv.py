@@ -3,6 +3,7 @@
 
     python bench/bench_dynamic_conv.py                       # 128->128, 3x3, 28x28, K=4, batch 1 and 8
     python bench/bench_dynamic_conv.py --channels 256 --kernel 1
+    python bench/bench_dynamic_conv.py --int8                # int8 forms per layer shape, ODConv then DyConv
 
 Rows (each exported by deploykit, timed in one process with the same thread count):
   static conv       nn.Conv2d with constant weights: the floor
@@ -11,6 +12,10 @@ Rows (each exported by deploykit, timed in one process with the same thread coun
   static batch      the same layer exported with --static-batch (batch folded into conv groups)
 Ratios are to the static conv at the same batch size. Shared VMs are noisy: every row is timed in `--rounds`
 interleaved rounds and the best median is kept.
+
+With --int8: for each `--layers` shape, one ODConv (K=`--experts`) and one DyConv layer followed by BatchNorm and
+ReLU, quantized in each of the two int8 forms of a dense dynamic conv (per-sample kernel; bank, docs/quantization.md
+"Weight-bound layers"), timed against the fp32 node in interleaved runs, with each form's SQNR against fp32.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from onnx import TensorProto, helper
 
 from deploykit.export.onnx import onnx_from_model
 from deploykit.export.passes import run_passes
-from deploykit.nn import DyConv2d
+from deploykit import quantize
+from deploykit.inputs import structured_noise
+from deploykit.nn import DyConv2d, ODConv2d
 from deploykit.runtime.ort import session_from_onnx
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from bench_latency import median_ms  # noqa: E402
+from bench_latency import interleaved_ms  # noqa: E402
 
 
 def weight_as_input_model(weight: np.ndarray, padding: int) -> onnx.ModelProto:
@@ -52,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="time the two int8 forms per layer shape")
+    parser.add_argument("--layers", nargs="+", default=["512x7", "256x14", "128x28", "64x56"],
+                        help="channels x size, for --int8")
     args = parser.parse_args(argv)
+    if args.int8:
+        return int8_forms(args)
     torch.manual_seed(0)
     c, k, pad = args.channels, args.kernel, args.kernel // 2
     static = torch.nn.Conv2d(c, c, k, padding=pad, bias=False).eval()
@@ -77,13 +89,45 @@ def main(argv: list[str] | None = None) -> int:
             run_passes(onnx_from_model(dynamic, torch.from_numpy(x), dynamic_batch=False))[0])
         feeds = {name: {"input": x} for name in rows}
         feeds["weight as input"]["weight"] = static.weight.detach().numpy()
+        runtimes = {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in rows.items()}
         times = {name: float("inf") for name in rows}
         for _ in range(args.rounds):
-            for name, s in rows.items():
-                ms = median_ms(lambda s=s, f=feeds[name]: s.run(None, f), args.runs, 10)[0]
-                times[name] = min(times[name], ms)
+            for name, (median, _) in interleaved_ms(runtimes, args.runs, 10).items():
+                times[name] = min(times[name], median)
         for name, ms in times.items():
             print(f"{name:34} {batch:5d} {ms:8.3f} {ms / times['static conv']:9.2f}x")
+    return 0
+
+
+def int8_forms(args: argparse.Namespace) -> int:
+    """Per layer shape and family: int8 time / fp32 time of the per-sample kernel form and of the bank form."""
+    print(f"int8 forms of a dense dynamic conv (+ BatchNorm + ReLU), K={args.experts}, {args.threads} threads, "
+          f"medians of {args.runs} interleaved runs; ratios to the fp32 node")
+    print(f"{'layer':16} {'batch':>5} {'fp32 ms':>8} {'per-sample kernel':>18} {'bank':>14} {'SQNR dB (kernel / bank)':>24}")
+    for shape in args.layers:
+        channels, size = (int(v) for v in shape.split("x"))
+        for family, layer in (("ODConv", ODConv2d(channels, channels, 3, padding=1, kernel_num=args.experts)),
+                              ("DyConv", DyConv2d(channels, channels, 3, padding=1, bias=False, K=args.experts))):
+            net = torch.nn.Sequential(layer, torch.nn.BatchNorm2d(channels), torch.nn.ReLU()).eval()
+            fp32 = run_passes(onnx_from_model(net, torch.randn(2, channels, size, size)))[0]
+            calibration = [{"input": structured_noise(4, (channels, size, size),
+                                                      torch.Generator().manual_seed(seed)).numpy()}
+                           for seed in range(2)]
+            forms = {}
+            for form, threshold in (("kernel", float("inf")), ("bank", 0.0)):
+                quantize.BANK_FORM_MIN_WEIGHTS_PER_PIXEL = threshold  # force the form for the comparison
+                forms[form] = quantize.quantize_int8(fp32, calibration).model
+            sessions = {"fp32": session_from_onnx(fp32, ["cpu"], args.threads),
+                        **{form: session_from_onnx(model, ["cpu"], args.threads) for form, model in forms.items()}}
+            for batch in args.batches:
+                feed = {"input": structured_noise(batch, (channels, size, size),
+                                                  torch.Generator().manual_seed(99)).numpy()}
+                runtimes = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
+                ms = {name: median for name, (median, _) in interleaved_ms(runtimes, args.runs, 5).items()}
+                expected = sessions["fp32"].run(None, feed)[0]
+                sqnr = [quantize.sqnr_db(sessions[f].run(None, feed)[0], expected) for f in ("kernel", "bank")]
+                print(f"{family + ' ' + shape:16} {batch:5d} {ms['fp32']:8.2f} {ms['kernel'] / ms['fp32']:17.2f}x "
+                      f"{ms['bank'] / ms['fp32']:13.2f}x {sqnr[0]:11.1f} / {sqnr[1]:.1f}", flush=True)
     return 0
 
 

@@ -36,7 +36,7 @@ from deploykit.nn.tvconv import TVConv, pixelwise_depthwise_conv2d
 from deploykit.runtime.ort import session_from_onnx
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from bench_latency import median_ms  # noqa: E402
+from bench_latency import interleaved_ms  # noqa: E402
 
 
 class UnfoldTVConv(torch.nn.Module):
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         assert np.abs(out - reference).max() <= 1e-4 * np.abs(reference).max(), f"{name} computes something else"
     times = {name: float("inf") for name in timed}
     for _ in range(args.rounds):
-        for name, fn in timed.items():
-            times[name] = min(times[name], median_ms(fn, args.runs, 10)[0])
+        for name, (median, _) in interleaved_ms(timed, args.runs, 10).items():
+            times[name] = min(times[name], median)
     megabytes = w.nbytes / 2 ** 20
     floor = times["floor (stream the weights)"]
     print(f"TVConv per-pixel depthwise conv, C={c}, {size}x{size}, 3x3, batch {n}; weights {megabytes:.1f} MiB; "

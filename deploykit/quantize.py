@@ -2,9 +2,12 @@
 
 `quantize_int8` runs ONNX Runtime's static quantizer (`onnxruntime.quantization.quantize_static`: QDQ format,
 per-channel symmetric int8 weights, uint8 activations, MinMax calibration) on the main graph. That quantizer never
-looks inside a ``deploykit::`` node's function body (../shared/notes/ecosystem.md sec. 9), so every
-``deploykit::DynamicConv2d`` node (CondConv, DyConv, ODConv) is then replaced by a ``deploykit::DynamicConv2dQDQ``
-node whose body runs the per-sample conv in int8 (`deploykit.ops.dynamic_conv2d.quantized_function_body`): its
+looks inside a ``deploykit::`` node's function body (../shared/notes/ecosystem.md sec. 9). A weight-bound dense
+``deploykit::DynamicConv2d`` node (a large kernel for few output pixels: late layers) is first rewritten as one static
+conv with the whole kernel bank, its outputs mixed per sample (`deploykit.ops.dynamic_conv2d.to_bank_conv`), which the
+quantizer runs in int8 like any conv. Every other one (CondConv, DyConv, ODConv) is then replaced by a
+``deploykit::DynamicConv2dQDQ`` node whose body runs the per-sample conv in int8
+(`deploykit.ops.dynamic_conv2d.quantized_function_body`): its
 input and output scales are calibrated here on the same inputs, and its kernel scales are bounds derived from the
 kernel bank (`aggregated_kernel_bound`), valid for every sample of any batch. Every ``deploykit::DeformConv2d``
 node is first rewritten as its bilinear taps (float ``GridSample``) feeding a 1x1 conv over the sampled channels
@@ -38,7 +41,7 @@ from deploykit.localize import module_exits, node_module_calls, run_with_outputs
 from deploykit.log import LOGGER
 from deploykit.ops.deform_conv2d import OP_TYPE as DEFORM_CONV, to_sampled_conv
 from deploykit.ops.dynamic_conv2d import (OP_TYPE as DYNAMIC_CONV, QDQ_OP_TYPE, aggregated_kernel_bound,
-                                          quantized_function_body)
+                                          quantized_function_body, to_bank_conv)
 from deploykit.runtime.ort import session_from_onnx
 from deploykit.verify import FAILED, PASSED, Feed, Iterations, agreement, run_torch
 
@@ -89,6 +92,7 @@ def quantize_int8(model: onnx.ModelProto, calibration_feeds: Sequence[Feed], kee
     kept = nodes_of(model, keep_float)
     model = _copy(model)  # the int8 forms below rewrite it; the caller's fp32 model stays as it is
     sampling = _sample_deform_convs(model, kept)
+    bank_convs = _bank_convs(model, kept, calibration_feeds[0])
     _pool_spatial_means(model)
     by_design = {**_float_by_design(model), **sampling}
     with tempfile.TemporaryDirectory(prefix="deploykit-int8-") as scratch:
@@ -102,8 +106,8 @@ def quantize_int8(model: onnx.ModelProto, calibration_feeds: Sequence[Feed], kee
                         calibration_cache_path=ranges)
         quantized = onnx.load_model(target)
     _keep_metadata(model, quantized)
-    _unquantize_outputs(quantized)
-    dynamic_convs = _quantize_dynamic_convs(model, quantized, calibration_feeds, kept)
+    _unquantize_outputs(model, quantized)
+    dynamic_convs = bank_convs + _quantize_dynamic_convs(model, quantized, calibration_feeds, kept)
     onnx.checker.check_model(quantized)
     report = {
         "format": "QDQ", "tool": "onnxruntime.quantization.quantize_static",
@@ -244,11 +248,16 @@ def log_int8_verdict(section: dict) -> None:
     LOGGER.info("reproduce int8: %s", section["reproduce"])
 
 
-def _unquantize_outputs(model: onnx.ModelProto) -> None:
+def _unquantize_outputs(fp32: onnx.ModelProto, model: onnx.ModelProto) -> None:
     """Drop the Q/DQ pair the quantizer puts on each graph output, in place: the model's outputs come out in float,
     so scores beyond the range seen in calibration are not clipped (measured: a held-out photo's logits clipped at
-    the calibration maximum, 6.5 dB SQNR, where the same model without that pair keeps 30+ dB)."""
+    the calibration maximum, 6.5 dB SQNR, where the same model without that pair keeps 30+ dB).
+
+    The quantizer folds a Relu or Clip that ends the graph into that pair (its range clamps as the activation would),
+    so where `fp32`'s output comes from one and the pair's source does not, the activation is put back."""
     producer = {output: node for node in model.graph.node for output in node.output}
+    fp32_producer = {output: node for node in fp32.graph.node for output in node.output}
+    fp32_constants = {t.name: t for t in fp32.graph.initializer}
     for graph_output in model.graph.output:
         dequantize = producer.get(graph_output.name)
         quantize = producer.get(dequantize.input[0]) if dequantize is not None and \
@@ -259,9 +268,19 @@ def _unquantize_outputs(model: onnx.ModelProto) -> None:
         readers = [n for n in model.graph.node if quantize.input[0] in n.input]
         if readers != [quantize]:
             continue
-        source.output[list(source.output).index(quantize.input[0])] = graph_output.name
         model.graph.node.remove(quantize)
         model.graph.node.remove(dequantize)
+        activation = fp32_producer.get(graph_output.name)
+        if activation is not None and activation.op_type in ("Relu", "Clip") and source.op_type != activation.op_type:
+            restored = onnx.NodeProto()
+            restored.CopyFrom(activation)
+            restored.input[0] = quantize.input[0]
+            model.graph.node.insert(list(model.graph.node).index(source) + 1, restored)
+            present = {t.name for t in model.graph.initializer}
+            model.graph.initializer.extend(fp32_constants[name] for name in restored.input[1:]
+                                           if name in fp32_constants and name not in present)
+        else:
+            source.output[list(source.output).index(quantize.input[0])] = graph_output.name
     used = {name for node in model.graph.node for name in node.input}
     unused = [t for t in model.graph.initializer if t.name not in used]
     for tensor in unused:
@@ -337,6 +356,43 @@ def _pool_spatial_means(model: onnx.ModelProto) -> None:
 
 # --- dynamic convs -----------------------------------------------------------------------------------------------
 
+# A dense dynamic conv whose kernel holds at least this many weights per output channel for each output pixel of a
+# sample (C/group * kH * kW / (H' * W'), at the calibration inputs' size) runs in its bank form. Measured per layer
+# (ORT 1.32, 2 threads, ODConv K=4; int8 time / fp32 time, per-sample kernel form vs bank form): 512ch 7x7 (94):
+# 1.20 vs 0.50 at batch 1; 256ch 14x14 (12): 0.70 vs 0.33; 128ch 28x28 (1.5): 0.94 vs 1.34; 64ch 56x56 (0.2):
+# 0.23 vs 2.7 (docs/quantization.md, "Weight-bound layers: the bank form").
+BANK_FORM_MIN_WEIGHTS_PER_PIXEL = 8.0
+BANK_FORM = "bank: one static conv with the K kernels, outputs mixed per sample (weight-bound layer)"
+PER_SAMPLE_FORM = "per-sample kernel: int8 QDQ with bank-derived scales"
+
+
+def _bank_convs(model: onnx.ModelProto, kept: set[str], calibration_feed: Feed) -> list[dict]:
+    """Put every weight-bound dense ``deploykit::DynamicConv2d`` node not kept in float in its bank form, in place
+    (`deploykit.ops.dynamic_conv2d.to_bank_conv`): its convs then have constant weights that the quantizer gives
+    per-channel int8 scales and ORT pre-packs. Weight-bound is judged at the size of one calibration sample."""
+    weights = {t.name: t for t in model.graph.initializer}
+    candidates = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == DYNAMIC_CONV
+                  and n.name not in kept and n.input[1] in weights and _attributes(n)["group"] == 1]
+    if not candidates:
+        return []
+    one_sample = {name: value[:1] for name, value in calibration_feed.items()}
+    outputs = run_with_outputs(model, [n.output[0] for n in candidates], one_sample, ["CPUExecutionProvider"], None)
+    summary = []
+    for node, output in zip(candidates, outputs):
+        _, _, group_channels, kh, kw = weights[node.input[1]].dims
+        per_pixel = group_channels * kh * kw / (output.shape[2] * output.shape[3])
+        if per_pixel >= BANK_FORM_MIN_WEIGHTS_PER_PIXEL:
+            summary.append({"node": node.name, "module": _module_of(node), "form": BANK_FORM,
+                            "weights_per_output_pixel": round(per_pixel, 1)})
+            to_bank_conv(model, node)
+    _drop_function_if_unused(model, DYNAMIC_CONV)
+    return summary
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def _quantize_dynamic_convs(fp32: onnx.ModelProto, model: onnx.ModelProto, feeds: Sequence[Feed],
                             kept: set[str]) -> list[dict]:
     """Replace every DynamicConv2d node not kept in float by its QDQ form, in place; return what was done."""
@@ -366,9 +422,9 @@ def _quantize_dynamic_convs(fp32: onnx.ModelProto, model: onnx.ModelProto, feeds
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), names[-1]))
         node.op_type = QDQ_OP_TYPE
         node.input.extend(names)
-        summary.append({"node": node.name, "module": _module_of(node), "attention": attention_kind,
-                        "taps": taps_kind, "weight_scale_range": [float(parameters["w_scale"].min()),
-                                                                  float(parameters["w_scale"].max())]})
+        summary.append({"node": node.name, "module": _module_of(node), "form": PER_SAMPLE_FORM,
+                        "attention": attention_kind, "taps": taps_kind,
+                        "weight_scale_range": [float(parameters["w_scale"].min()), float(parameters["w_scale"].max())]})
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     model.functions.append(quantized_function_body(opset))
     _drop_function_if_unused(model, DYNAMIC_CONV)

@@ -17,7 +17,7 @@ from deploykit.inputs import structured_noise
 from deploykit.nn import ACmix, CondConv2d, CondConvRouting, DyConv2d, ModulatedDeformConv2d, ODConv2d, SCConv, TVConv
 from deploykit.ops.deform_conv2d import SAMPLED_CONV_SUFFIX
 from deploykit.ops.dynamic_conv2d import aggregated_kernel_bound
-from deploykit.quantize import MIN_SQNR_DB, nodes_of, replay_int8, sqnr_db
+from deploykit.quantize import BANK_FORM, MIN_SQNR_DB, nodes_of, replay_int8, sqnr_db
 from deploykit.runtime import Predictor
 from tests.conftest import randomize_batchnorm
 
@@ -62,6 +62,8 @@ FAMILIES = {
     "condconv_depthwise": lambda: RoutedCondConv(16, groups=16),  # as most of EfficientNet-CC's
     "dyconv": lambda: DyConv2d(16, 16, 3, padding=1, K=4, temperature=1),
     "odconv": lambda: ODConv2d(16, 16, 3, padding=1, kernel_num=4),
+    # at 4x4 the kernel holds 16 * 9 / 16 = 9 weights per output pixel: weight-bound, the bank form
+    "odconv_late": lambda: nn.Sequential(nn.AvgPool2d(8), ODConv2d(16, 16, 3, padding=1, kernel_num=4)),
     "scconv": lambda: SCConv(16, 16, pooling_r=2, norm_layer=nn.BatchNorm2d),
     "deform_conv": lambda: ModulatedDeformConv2d(16, 16, 3, padding=1),
     "tvconv": lambda: TVConv(16, h=SIZE // 2, w=SIZE // 2),
@@ -146,7 +148,11 @@ def test_int8_export_of_each_family_passes_on_photos(family, photos, tmp_path):
     int8 = onnx.load(result.files["model.int8.onnx"])
     ops = {node.op_type for node in int8.graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    if family.split("_")[0] in ("condconv", "dyconv", "odconv"):
+    if family == "odconv_late":  # constant-weight convs only: the quantizer's own int8 convs
+        assert [d["form"] for d in section["dynamic_convs"]] == [BANK_FORM]
+        assert not ops & {"DynamicConv2dQDQ", "DynamicConv2d"} and not int8.functions
+        assert any(q["op"] == "Conv" and q["node"].endswith("/bank_conv") for q in section["quantized"])
+    elif family.split("_")[0] in ("condconv", "dyconv", "odconv"):
         assert ops & {"DynamicConv2dQDQ"} and "DynamicConv2d" not in ops
         assert [d["attention"].split(":")[0] for d in section["dynamic_convs"]] == \
             [{"condconv": "sigmoid", "dyconv": "softmax", "odconv": "softmax"}[family.split("_")[0]]]
@@ -255,3 +261,27 @@ def test_missing_calibration_file_is_one_sentence_and_writes_nothing(photos, tmp
 def test_calibration_must_not_be_the_verification_inputs(tmp_path):
     with pytest.raises(DeployError, match="must be judged on inputs it was not calibrated on"):
         ExportConfig(model="m.pt", images=[tmp_path], quantize="int8", calibration=[tmp_path])
+
+
+def test_an_output_that_ends_in_relu_keeps_its_relu():
+    """ORT's quantizer folds a ReLU that ends the graph into the output's Q/DQ pair; the float output the int8 file
+    gives (without that pair) must still be rectified. Before the fix the ReLU was lost and a feature map ending in
+    one fell from 30 dB to below 0 dB."""
+    from deploykit.export.onnx import onnx_from_model
+    from deploykit.export.passes import run_passes
+    from deploykit.quantize import quantize_int8
+    from deploykit.runtime.ort import session_from_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    model[1].running_mean.uniform_(-0.2, 0.2)  # about half of the pre-activations negative
+    fp32, _ = run_passes(onnx_from_model(model, torch.randn(1, 3, 16, 16)))
+    calibration = [{"input": structured_noise(4, (3, 16, 16), torch.Generator().manual_seed(s)).numpy()}
+                   for s in range(2)]
+    int8 = quantize_int8(fp32, calibration).model
+    x = structured_noise(2, (3, 16, 16), torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    actual = session_from_onnx(int8, ["cpu"]).run(None, {"input": x.numpy()})[0]
+    assert (expected == 0).mean() > 0.2 and actual.min() >= 0
+    assert sqnr_db(actual, expected) > 25

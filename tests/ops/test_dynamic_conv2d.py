@@ -14,7 +14,7 @@ from deploykit.export.custom_op import DOMAIN, PLUGIN_NAMESPACE
 from deploykit.export.onnx import onnx_from_model
 from deploykit.export.passes import run_passes
 from deploykit.ops.dynamic_conv2d import (DYNAMIC_CONV2D, DynamicConv2dReference, dynamic_conv2d,
-                                          dynamic_conv2d_reference)
+                                          dynamic_conv2d_reference, to_bank_conv)
 from deploykit.runtime.ort import session_from_onnx
 from deploykit.verify import rel_to_range
 
@@ -85,9 +85,9 @@ def test_gradients_match_finite_differences():
 class Layer(torch.nn.Module):
     """The op with its tensors as parameters, attention computed from the input (so the batch varies)."""
 
-    def __init__(self, config: dict, seed: int) -> None:
+    def __init__(self, config: dict, seed: int, unit_taps: bool = False) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.unit_taps = config, unit_taps
         tensors = random_inputs(config, batch=1, seed=seed)
         self.weight = torch.nn.Parameter(tensors["weight"])
         self.bias = torch.nn.Parameter(tensors["bias"])
@@ -97,7 +97,7 @@ class Layer(torch.nn.Module):
     def forward(self, x):
         pooled = x.mean((2, 3))
         k = self.config["kernel"]
-        spatial = torch.sigmoid(self.taps(pooled)).view(-1, k, k)
+        spatial = torch.ones(1, k, k) if self.unit_taps else torch.sigmoid(self.taps(pooled)).view(-1, k, k)
         return torch.relu(dynamic_conv2d(x, self.weight, torch.softmax(self.route(pooled), 1), self.bias, spatial,
                                          self.config["stride"], self.config["pads"], self.config["dilation"],
                                          self.config["groups"]))
@@ -148,3 +148,37 @@ def test_static_batch_folds_into_standard_ops_unless_custom_is_asked():
                                            lowering="custom"))
     assert [n.op_type for n in custom.graph.node if n.domain] == ["DynamicConv2d"]
     assert rel_to_range(session_from_onnx(custom, ["cpu"]).run(None, {"input": x.numpy()})[0], expected) <= 1e-4
+
+
+DENSE = [i for i, config in enumerate(CONFIGS) if config["groups"] == 1]
+
+
+@pytest.mark.parametrize("unit_taps", [False, True], ids=["tap-attention", "no-taps"])
+@pytest.mark.parametrize("index", DENSE)
+def test_bank_conv_form_matches_the_float64_formula(index, unit_taps):
+    """The int8 file's form for weight-bound layers (`to_bank_conv`: the whole bank as one static conv, its K
+    outputs mixed per sample; taps gathered and scaled first when there is tap attention) computes the op at any
+    batch and input size."""
+    config = CONFIGS[index]
+    layer = Layer(config, index, unit_taps).eval()
+    model, _ = run_passes(onnx_from_model(layer, random_inputs(config, batch=2)["x"], dynamic_spatial=True,
+                                          custom_ops=[DYNAMIC_CONV2D]))
+    [node] = [n for n in model.graph.node if n.domain == DOMAIN]
+    nodes, mixing = to_bank_conv(model, node)
+    assert not [n for n in model.graph.node if n.domain] and {n.name for n in mixing} < {n.name for n in nodes}
+    assert {n.op_type for n in nodes} >= {"Conv", "MatMul"} and ("Slice" in {n.op_type for n in nodes}) != unit_taps
+    assert not {node.input[1], node.input[4]} & {t.name for t in model.graph.initializer}
+    session = session_from_onnx(model, ["cpu"])
+    for batch, grow in ((1, 0), (3, 3)):
+        grown = dict(config, height=config["height"] + grow, width=config["width"] + 2 * grow)
+        x = random_inputs(grown, batch=batch, seed=batch)["x"]
+        with torch.no_grad():
+            pooled = x.mean((2, 3))
+            k = config["kernel"]
+            spatial = torch.ones(1, k, k) if unit_taps else torch.sigmoid(layer.taps(pooled)).view(-1, k, k)
+            attention = torch.softmax(layer.route(pooled), 1)
+        expected = np.maximum(dynamic_conv2d_reference(
+            x.double().numpy(), layer.weight.detach().double().numpy(), attention.double().numpy(),
+            layer.bias.detach().double().numpy(), spatial.double().numpy(), config["stride"], config["pads"],
+            config["dilation"], config["groups"]), 0)
+        assert rel_to_range(session.run(None, {"input": x.numpy()})[0], expected) <= 1e-4
