@@ -46,7 +46,7 @@ from deploykit.images import load_images
 from deploykit.inputs import structured_noise
 from deploykit.models import MODELS, model_spec, random_model
 from deploykit.runtime.ort import session_from_onnx
-from deploykit.quantize import quantize_int8, verify_int8
+from deploykit.quantize import BANK_FORM, quantize_int8, verify_int8
 from deploykit.verify import rel_to_range, run_torch
 from photos import CALIBRATION_PHOTOS, VERIFICATION_PHOTOS, save_crops
 
@@ -157,8 +157,10 @@ def bench_int8(arch: str, args: argparse.Namespace, photos: tuple[Path, Path]) -
     median = {name: statistics.median(s) for name, s in samples.items()}
     best = {name: min(s) for name, s in samples.items()}
     dynamic = len(int8.report["dynamic_convs"])
+    bank = sum(d["form"] == BANK_FORM for d in int8.report["dynamic_convs"])
     print(f"\n{arch} {'x'.join(map(str, shape))}, {args.threads} threads, {args.runs} interleaved runs; quantized "
-          f"in {quantized_in:.0f} s ({dynamic} dynamic convs in int8, {len(int8.report['float'])} nodes float)")
+          f"in {quantized_in:.0f} s ({dynamic} dynamic convs in int8, {bank} of them in the bank form; "
+          f"{len(int8.report['float'])} nodes float)")
     print(f"{'':6} {'median ms':>10} {'best ms':>8}")
     for name in sessions:
         print(f"{name:6} {median[name]:10.2f} {best[name]:8.2f}")

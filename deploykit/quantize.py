@@ -7,8 +7,8 @@ looks inside a ``deploykit::`` node's function body (../shared/notes/ecosystem.m
 conv with the whole kernel bank, its outputs mixed per sample (`deploykit.ops.dynamic_conv2d.to_bank_conv`), which the
 quantizer runs in int8 like any conv. Every other one (CondConv, DyConv, ODConv) is then replaced by a
 ``deploykit::DynamicConv2dQDQ`` node whose body runs the per-sample conv in int8
-(`deploykit.ops.dynamic_conv2d.quantized_function_body`): its
-input and output scales are calibrated here on the same inputs, and its kernel scales are bounds derived from the
+(`deploykit.ops.dynamic_conv2d.quantized_function_body`): its input and output scales are calibrated here on the
+same inputs, and its kernel scales are bounds derived from the
 kernel bank (`aggregated_kernel_bound`), valid for every sample of any batch. Every ``deploykit::DeformConv2d``
 node is first rewritten as its bilinear taps (float ``GridSample``) feeding a 1x1 conv over the sampled channels
 (`deploykit.ops.deform_conv2d.to_sampled_conv`), which the quantizer runs in int8 like any conv, and every spatial

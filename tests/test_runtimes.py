@@ -116,10 +116,10 @@ def test_diverging_model_fails_in_both_and_names_the_module(tmp_path):
     assert result.report["verification"]["first_divergence"]["module"] == ""
 
 
-@pytest.mark.parametrize("family", ["odconv", "condconv_depthwise", "scconv", "deform_conv"])
+@pytest.mark.parametrize("family", ["odconv", "odconv_late", "condconv_depthwise", "scconv", "deform_conv"])
 def test_the_int8_file_runs_and_verifies_in_openvino_too(family, tmp_path):
-    """The QDQ file, per-sample kernels dense and depthwise (their Q/DQ pairs as FakeQuantize ops) and deformable
-    taps (GridSample) included, judged like onnxruntime's and computing what onnxruntime's computes up to int8 rounding."""
+    """The QDQ file, per-sample kernels dense and depthwise (their Q/DQ pairs as FakeQuantize ops), a dynamic conv's
+    bank form and deformable taps (GridSample) included, judged like onnxruntime's and computing what onnxruntime's computes up to int8 rounding."""
     from bench.photos import CALIBRATION_PHOTOS, VERIFICATION_PHOTOS, save_crops
     from deploykit.quantize import sqnr_db
     from test_quantize import int8_config, tiny_model

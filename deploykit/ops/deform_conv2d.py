@@ -57,6 +57,7 @@ from onnx import helper
 from onnxscript import opset18 as op
 
 from deploykit.export.custom_op import DOMAIN, CustomOp, forwarding_node
+from deploykit.export.rewrite import NodeRewrite
 from deploykit.ops import reference as ref
 from deploykit.ops.autograd import differentiate_by_recomputing
 from deploykit.ops.reference import conv_output_size as output_size
@@ -372,8 +373,9 @@ def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.N
     u = (2x + 1) / W_in - 1. The int8 columns need no range of their own: bilinear weights are a convex combination
     and the mask lies in [0, 1] (a sigmoid), so they stay within X's range.
     """
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
+    rewrite = NodeRewrite(model, node)
+    add, constant = rewrite.add, rewrite.constant
+    initializers = {t.name: t for t in model.graph.initializer}
     X, W, offset, B, mask = node.input
     out_channels, group_channels, kh, kw = initializers[W].dims
     values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -381,18 +383,6 @@ def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.N
     group, offset_group = values.get("group", 1), values.get("offset_group", 1)
     channels, taps = group * group_channels, kh * kw
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    prefix = node.name or f"{OP_TYPE}_{X}"
-    nodes: list[onnx.NodeProto] = []
-
-    def constant(name: str, array) -> str:
-        tensor = onnx.numpy_helper.from_array(np.asarray(array), f"{prefix}/{name}")
-        graph.initializer.append(tensor)
-        return tensor.name
-
-    def add(op_type: str, inputs: list[str], name: str, **attributes) -> str:
-        output = f"{prefix}/{name}"
-        nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attributes))
-        return output
 
     tap_y = (np.repeat(np.arange(kh), kw) * dilations[0] - pads[0]).astype(np.float32).reshape(taps, 1, 1)
     tap_x = (np.tile(np.arange(kw), kh) * dilations[1] - pads[1]).astype(np.float32).reshape(taps, 1, 1)
@@ -452,17 +442,8 @@ def to_sampled_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.N
         constant("column_dims", np.array([-1, channels * taps], np.int64)), out_size], "column_shape", axis=0)],
         "columns")  # [N, C*T, H', W'], channel c*T + t
     weight = onnx.numpy_helper.to_array(initializers[W]).reshape(out_channels, group_channels * taps, 1, 1)
-    nodes.append(helper.make_node("Conv", [columns, constant("weight", weight), B], list(node.output),
-                                  name=prefix + SAMPLED_CONV_SUFFIX, group=group))
-    for new in nodes:
-        new.metadata_props.extend(node.metadata_props)
-    position = list(graph.node).index(node)
-    graph.node.remove(node)
-    for offset_index, new in enumerate(nodes):
-        graph.node.insert(position + offset_index, new)
-    if not any(W in other.input for other in graph.node):
-        graph.initializer.remove(initializers[W])
-    return nodes
+    return rewrite.finish("Conv", [columns, constant("weight", weight), B], SAMPLED_CONV_SUFFIX.lstrip("/"),
+                          group=group)
 
 
 def _expanded_ones(model: onnx.ModelProto, name: str) -> bool:

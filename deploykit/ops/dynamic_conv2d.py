@@ -49,6 +49,7 @@ from onnx.reference.op_run import OpRun
 from onnxscript import opset20 as op
 
 from deploykit.export.custom_op import DOMAIN, CustomOp, forwarding_node
+from deploykit.export.rewrite import NodeRewrite
 from deploykit.ops import reference as ref
 from deploykit.ops.autograd import differentiate_by_recomputing
 from deploykit.ops.reference import conv_output_size as output_size
@@ -324,90 +325,64 @@ def _quantize_convs(nodes) -> None:
             nodes.insert(index + offset, new)
 
 
-def to_bank_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+def to_bank_conv(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """Rewrite one ``deploykit::DynamicConv2d`` node of `model`'s main graph (W an initializer, group 1) as one static
-    conv with the whole kernel bank whose K outputs are mixed per sample, in place; returns (the new nodes, those of
-    them that mix per sample). Batch and spatial size stay dynamic.
+    conv with the whole kernel bank whose K outputs are mixed per sample, in place; returns the new nodes. Batch and
+    spatial size stay dynamic.
 
     Exact in real arithmetic, by linearity: conv(X, S[n] * sum_k A[n,k] W[k]) = sum_k A[n,k] conv_S(X, W[k]), where
     conv_S scales tap t's contribution by S[n, t]. Without tap attention (S a constant of ones) that is one Conv
-    with K*M output channels; with it, the taps are gathered first (im2col: a depthwise Conv with one-hot kernels,
-    exact), scaled by S, and convolved 1x1. Every conv then has constant weights, so a quantizer gives them
-    per-channel int8 weights and a runtime pre-packs them: K times the multiply-adds, but no per-sample kernel to
-    compute, quantize and repack (docs/quantization.md says when that pays).
+    with K*M output channels. With it, the taps are gathered first (im2col: a Pad and one strided Slice per tap,
+    concatenated tap-major), scaled by S, and convolved 1x1 with the bank laid out to match. Every conv then has
+    constant weights, so a quantizer gives them per-channel int8 weights and a runtime pre-packs them: K times the
+    multiply-adds, but no per-sample kernel to compute, quantize and re-pack (docs/quantization.md says when that
+    pays).
     """
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
+    rewrite = NodeRewrite(model, node)
+    add, constant = rewrite.add, rewrite.constant
+    initializers = {t.name: t for t in model.graph.initializer}
     X, W, A, B, S = node.input
     bank = onnx.numpy_helper.to_array(initializers[W])
     kernels, out_channels, channels, kh, kw = bank.shape
     taps = kh * kw
     values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    geometry = {"strides": list(values["strides"]), "pads": list(values["pads"]),
-                "dilations": list(values["dilations"])}
-    prefix = node.name or f"{OP_TYPE}_{X}"
-    nodes: list[onnx.NodeProto] = []
-
-    def constant(name: str, array) -> str:
-        tensor = onnx.numpy_helper.from_array(np.asarray(array), f"{prefix}/{name}")
-        graph.initializer.append(tensor)
-        return tensor.name
-
-    def add(op_type: str, inputs: list[str], name: str, **attributes) -> str:
-        output = f"{prefix}/{name}"
-        nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attributes))
-        return output
-
+    strides, pads, dilations = list(values["strides"]), list(values["pads"]), list(values["dilations"])
     tap_weights = initializers.get(S)
     if tap_weights is not None and np.all(onnx.numpy_helper.to_array(tap_weights) == 1):
         outputs = add("Conv", [X, constant("bank", bank.reshape(kernels * out_channels, channels, kh, kw))],
-                      "bank_conv", **geometry)
+                      "bank_conv", strides=strides, pads=pads, dilations=dilations)
     else:
-        top, left, bottom, right = geometry["pads"]
+        top, left, bottom, right = pads
         padded = add("Pad", [X, constant("padding", np.array([0, 0, top, left, 0, 0, bottom, right]))], "padded")
-        (stride_y, stride_x), (dilation_y, dilation_x) = geometry["strides"], geometry["dilations"]
-        reach = np.array([dilation_y * (kh - 1) + 1, dilation_x * (kw - 1) + 1])
-        strides = constant("strides", np.array(geometry["strides"]))
-        # span of rows / columns the first tap reads: (out - 1) * stride + 1, out = (padded - reach) // stride + 1
-        span = add("Add", [add("Mul", [add("Div", [add("Sub", [add("Shape", [padded], "padded_size", start=2),
-                                                               constant("reach", reach)], "room"), strides],
-                                           "last_step"), strides], "last_offset"), constant("one", np.array([1]))],
-                   "span")
+        reach = np.array([dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1])
+        steps = constant("strides", np.array(strides))
+        # rows / columns the first tap spans: (out - 1) * stride + 1, out = (padded - reach) // stride + 1
+        room = add("Sub", [add("Shape", [padded], "padded_size", start=2), constant("reach", reach)], "room")
+        last_offset = add("Mul", [add("Div", [room, steps], "last_step"), steps], "last_offset")
+        span = add("Add", [last_offset, constant("one", np.array([1]))], "span")
         axes = constant("axes", np.array([2, 3]))
         tap_slices = []
         for t in range(taps):
-            start = constant(f"start_{t}", np.array([(t // kw) * dilation_y, (t % kw) * dilation_x]))
-            tap_slices.append(add("Slice", [padded, start, add("Add", [start, span], f"end_{t}"), axes, strides],
+            start = constant(f"start_{t}", np.array([(t // kw) * dilations[0], (t % kw) * dilations[1]]))
+            tap_slices.append(add("Slice", [padded, start, add("Add", [start, span], f"end_{t}"), axes, steps],
                                   f"tap_{t}"))
         patches = add("Concat", tap_slices, "patches", axis=1)  # [N, T*C, H', W'], channel t*C + c
-        tap_rows = add("Reshape", [add("Tile", [add("Reshape", [S, constant("tap_shape", np.array([-1, taps, 1]))],
-                                                     "tap_column"), constant("per_channel", np.array([1, 1, channels]))],
-                                       "tap_rows"), constant("rows_shape", np.array([-1, taps * channels, 1, 1]))],
-                       "tap_scales")
-        scaled = add("Mul", [patches, tap_rows], "scaled_patches")
+        tap_column = add("Reshape", [S, constant("tap_shape", np.array([-1, taps, 1]))], "tap_column")
+        tap_rows = add("Tile", [tap_column, constant("per_channel", np.array([1, 1, channels]))], "tap_rows")
+        tap_scales = add("Reshape", [tap_rows, constant("rows_shape", np.array([-1, taps * channels, 1, 1]))],
+                         "tap_scales")
         by_tap = bank.reshape(kernels * out_channels, channels, taps).transpose(0, 2, 1)  # [K*M, T, C]
-        outputs = add("Conv", [scaled, constant("bank", by_tap.reshape(kernels * out_channels, taps * channels, 1, 1))],
+        outputs = add("Conv", [add("Mul", [patches, tap_scales], "scaled_patches"),
+                               constant("bank", by_tap.reshape(kernels * out_channels, taps * channels, 1, 1))],
                       "bank_conv")
-    first_mixing = len(nodes)
     by_kernel = add("Reshape", [outputs, constant("by_kernel_shape", np.array([0, kernels, -1]))], "by_kernel")
-    mixed = add("MatMul", [add("Unsqueeze", [A, constant("row_axis", np.array([1]))], "mixing_row"), by_kernel],
-                "mixed")  # [N, 1, M*H'*W']
+    mixing_row = add("Unsqueeze", [A, constant("row_axis", np.array([1]))], "mixing_row")
+    mixed = add("MatMul", [mixing_row, by_kernel], "mixed")  # [N, 1, M*H'*W']
     out_shape = add("Concat", [constant("out_dims", np.array([-1, out_channels])),
                                add("Shape", [outputs], "out_size", start=2)], "out_shape", axis=0)
-    biases = add("Reshape", [add("MatMul", [A, B], "biases"), constant("bias_shape", np.array([-1, out_channels, 1, 1]))],
-                 "bias_columns")
-    nodes.append(helper.make_node("Add", [add("Reshape", [mixed, out_shape], "unbiased"), biases], list(node.output),
-                                  name=f"{prefix}/biased"))
-    for new in nodes:
-        new.metadata_props.extend(node.metadata_props)
-    position = list(graph.node).index(node)
-    graph.node.remove(node)
-    for offset, new in enumerate(nodes):
-        graph.node.insert(position + offset, new)
-    for name in (W, S):
-        if name in initializers and not any(name in other.input for other in graph.node):
-            graph.initializer.remove(initializers[name])
-    return nodes, nodes[first_mixing:]
+    biases = add("Reshape", [add("MatMul", [A, B], "biases"),
+                             constant("bias_shape", np.array([-1, out_channels, 1, 1]))], "bias_columns")
+    return rewrite.finish("Add", [add("Reshape", [mixed, out_shape], "unbiased"), biases], "biased")
 
 
 DYNAMIC_CONV2D = CustomOp(
