@@ -358,9 +358,9 @@ def _pool_spatial_means(model: onnx.ModelProto) -> None:
 
 # A dense dynamic conv whose kernel holds at least this many weights per output channel for each output pixel of a
 # sample (C/group * kH * kW / (H' * W'), at the calibration inputs' size) runs in its bank form. Measured per layer
-# (ORT 1.32, 2 threads, ODConv K=4; int8 time / fp32 time, per-sample kernel form vs bank form): 512ch 7x7 (94):
-# 1.20 vs 0.50 at batch 1; 256ch 14x14 (12): 0.70 vs 0.33; 128ch 28x28 (1.5): 0.94 vs 1.34; 64ch 56x56 (0.2):
-# 0.23 vs 2.7 (docs/quantization.md, "Weight-bound layers: the bank form").
+# with `bench/bench_dynamic_conv.py --int8` (ODConv, K=4, batch 1; int8 time / fp32 time, per-sample kernel form vs
+# bank form): 512ch 7x7 (94 weights per pixel): 1.39 vs 0.59; 256ch 14x14 (12): 0.93 vs 0.89; 128ch 28x28 (1.5):
+# 0.59 vs 1.20; 64ch 56x56 (0.2): 0.61 vs 1.23 (docs/quantization.md, "Weight-bound layers: the bank form").
 BANK_FORM_MIN_WEIGHTS_PER_PIXEL = 8.0
 BANK_FORM = "bank: one static conv with the K kernels, outputs mixed per sample (weight-bound layer)"
 PER_SAMPLE_FORM = "per-sample kernel: int8 QDQ with bank-derived scales"
