@@ -113,10 +113,11 @@ def int8_forms(args: argparse.Namespace) -> int:
             calibration = [{"input": structured_noise(4, (channels, size, size),
                                                       torch.Generator().manual_seed(seed)).numpy()}
                            for seed in range(2)]
-            forms = {}
+            forms, default = {}, quantize.BANK_FORM_MIN_WEIGHTS_PER_PIXEL
             for form, threshold in (("kernel", float("inf")), ("bank", 0.0)):
                 quantize.BANK_FORM_MIN_WEIGHTS_PER_PIXEL = threshold  # force the form for the comparison
                 forms[form] = quantize.quantize_int8(fp32, calibration).model
+            quantize.BANK_FORM_MIN_WEIGHTS_PER_PIXEL = default
             sessions = {"fp32": session_from_onnx(fp32, ["cpu"], args.threads),
                         **{form: session_from_onnx(model, ["cpu"], args.threads) for form, model in forms.items()}}
             for batch in args.batches:

@@ -335,7 +335,7 @@ def _pool_spatial_means(model: onnx.ModelProto) -> None:
              if v.type.tensor_type.HasField("shape")}
 
     def spatial_mean(node: onnx.NodeProto) -> bool:
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attributes = _attributes(node)
         axes = attributes.get("axes")
         if axes is None and len(node.input) > 1 and node.input[1] in constants:
             axes = constants[node.input[1]].tolist()

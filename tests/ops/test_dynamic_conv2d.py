@@ -94,13 +94,17 @@ class Layer(torch.nn.Module):
         self.route = torch.nn.Linear(config["channels"], config["experts"])
         self.taps = torch.nn.Linear(config["channels"], config["kernel"] ** 2)
 
-    def forward(self, x):
+    def attentions(self, x):
+        """(kernel attention A [N, K], tap attention S) computed from `x`."""
         pooled = x.mean((2, 3))
         k = self.config["kernel"]
         spatial = torch.ones(1, k, k) if self.unit_taps else torch.sigmoid(self.taps(pooled)).view(-1, k, k)
-        return torch.relu(dynamic_conv2d(x, self.weight, torch.softmax(self.route(pooled), 1), self.bias, spatial,
-                                         self.config["stride"], self.config["pads"], self.config["dilation"],
-                                         self.config["groups"]))
+        return torch.softmax(self.route(pooled), 1), spatial
+
+    def forward(self, x):
+        attention, spatial = self.attentions(x)
+        return torch.relu(dynamic_conv2d(x, self.weight, attention, self.bias, spatial, self.config["stride"],
+                                         self.config["pads"], self.config["dilation"], self.config["groups"]))
 
 
 @pytest.mark.parametrize("index", [0, 5, 11])
@@ -173,10 +177,7 @@ def test_bank_conv_form_matches_the_float64_formula(index, unit_taps):
         grown = dict(config, height=config["height"] + grow, width=config["width"] + 2 * grow)
         x = random_inputs(grown, batch=batch, seed=batch)["x"]
         with torch.no_grad():
-            pooled = x.mean((2, 3))
-            k = config["kernel"]
-            spatial = torch.ones(1, k, k) if unit_taps else torch.sigmoid(layer.taps(pooled)).view(-1, k, k)
-            attention = torch.softmax(layer.route(pooled), 1)
+            attention, spatial = layer.attentions(x)
         expected = np.maximum(dynamic_conv2d_reference(
             x.double().numpy(), layer.weight.detach().double().numpy(), attention.double().numpy(),
             layer.bias.detach().double().numpy(), spatial.double().numpy(), config["stride"], config["pads"],
